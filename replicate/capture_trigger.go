@@ -1,0 +1,227 @@
+package replicate
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// Trigger capture records the key of every changed row in T__tat_delta, a
+// logged table (a crash loses nothing), from an AFTER ROW trigger and an
+// AFTER TRUNCATE trigger. Only keys are stored: delta apply re-reads the
+// current row from the original, so updates, key changes, deletes racing a
+// copy batch and resurrected rows all converge to the original's state.
+//
+// An UPDATE that changes the key records both the old and the new key. A
+// TRUNCATE records a marker ('T') that makes the apply empty the shadow.
+
+const triggerName = "replicate__tat_delta"
+const truncTriggerName = "replicate__tat_truncate"
+
+func captureFunc(p *plan) string { return ident(p.Schema, shadowName(p.Table, "__tat_capture")) }
+
+// installTrigger creates the delta table and the capture triggers. The
+// triggers need a SHARE ROW EXCLUSIVE lock on the original, taken under the
+// short lock_timeout with retries, so writers never queue long behind it.
+func (m *migration) installTrigger(ctx context.Context) error {
+	p := m.plan
+	delta := m.deltaIdent()
+	var cols, newVals, oldVals []string
+	for i, k := range p.Key {
+		cols = append(cols, fmt.Sprintf("k%d %s", i+1, p.KeyTypes[i]))
+		newVals = append(newVals, "NEW."+qi(k))
+		oldVals = append(oldVals, "OLD."+qi(k))
+	}
+	kcols := keyCols(len(p.Key))
+	create := []string{
+		"CREATE TABLE " + delta + " (seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, op \"char\" NOT NULL, " + strings.Join(cols, ", ") + ")",
+		// SECURITY DEFINER: the application's roles need no privilege on the delta.
+		fmt.Sprintf(`CREATE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
+BEGIN
+  IF TG_OP = 'TRUNCATE' THEN
+    INSERT INTO %s (op) VALUES ('T');
+    RETURN NULL;
+  END IF;
+  IF TG_OP <> 'DELETE' THEN
+    INSERT INTO %s (op, %s) VALUES ('U', %s);
+  END IF;
+  IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND ROW(%s) IS DISTINCT FROM ROW(%s)) THEN
+    INSERT INTO %s (op, %s) VALUES ('D', %s);
+  END IF;
+  RETURN NULL;
+END $f$`, captureFunc(p), delta, delta, kcols, strings.Join(newVals, ", "),
+			strings.Join(oldVals, ", "), strings.Join(newVals, ", "), delta, kcols, strings.Join(oldVals, ", ")),
+	}
+	tx, err := m.pool.Begin(ctx)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback(ctx) //nolint:errcheck
+	for _, s := range create {
+		if _, err := m.exec(ctx, tx, s); err != nil {
+			return fmt.Errorf("create delta: %w", err)
+		}
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return err
+	}
+	// ENABLE ALWAYS: changes applied by a logical replication subscriber
+	// (session_replication_role = replica) must be captured too.
+	return m.withLockRetries(ctx, func(ctx context.Context, tx pgx.Tx) error {
+		for _, s := range []string{
+			fmt.Sprintf("CREATE TRIGGER %s AFTER INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW EXECUTE FUNCTION %s()", qi(triggerName), m.t.ident(), captureFunc(p)),
+			fmt.Sprintf("CREATE TRIGGER %s AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION %s()", qi(truncTriggerName), m.t.ident(), captureFunc(p)),
+			fmt.Sprintf("ALTER TABLE %s ENABLE ALWAYS TRIGGER %s", m.t.ident(), qi(triggerName)),
+			fmt.Sprintf("ALTER TABLE %s ENABLE ALWAYS TRIGGER %s", m.t.ident(), qi(truncTriggerName)),
+		} {
+			if _, err := m.exec(ctx, tx, s); err != nil {
+				return err
+			}
+		}
+		return nil
+	}, nil)
+}
+
+func keyCols(n int) string {
+	s := make([]string, n)
+	for i := range s {
+		s[i] = fmt.Sprintf("k%d", i+1)
+	}
+	return strings.Join(s, ", ")
+}
+
+// isLockTimeout tells a lock_timeout (55P03) from other errors.
+func isLockTimeout(err error) bool {
+	var pe *pgconn.PgError
+	return errors.As(err, &pe) && pe.Code == "55P03"
+}
+
+// withLockRetries runs fn in a transaction with a short lock_timeout. On a
+// lock timeout it rolls back, waits time_between_locks (jittered) and tries
+// again with a longer timeout (up to 4x the first), so that sessions queued
+// behind our lock request never wait long, and retries do not synchronise
+// with a periodic blocker.
+func (m *migration) withLockRetries(ctx context.Context, fn func(context.Context, pgx.Tx) error, between func(context.Context) error) error {
+	timeout := m.opts.LockTimeout
+	for attempt := 1; ; attempt++ {
+		err := m.lockedTx(ctx, timeout, fn)
+		if err == nil {
+			return nil
+		}
+		if !isLockTimeout(err) {
+			return err
+		}
+		m.lockAttempts.Add(1)
+		m.event(ctx, m.currentPhase(), fmt.Sprintf("lock attempt %d timed out after %s; retrying", attempt, timeout))
+		m.report(ctx)
+		if m.opts.MaxLockAttempts > 0 && attempt >= m.opts.MaxLockAttempts {
+			return fmt.Errorf("could not lock %s in %d attempts: %w", m.tableRef(), attempt, err)
+		}
+		wait := m.opts.TimeBetweenLocks
+		if wait > 0 {
+			wait = wait/2 + time.Duration(rand.Int64N(int64(wait)))
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(wait):
+		}
+		if between != nil {
+			if err := between(ctx); err != nil {
+				return err
+			}
+		}
+		if next := timeout * 3 / 2; next <= m.opts.LockTimeout*4 {
+			timeout = next
+		}
+	}
+}
+
+func (m *migration) lockedTx(ctx context.Context, timeout time.Duration, fn func(context.Context, pgx.Tx) error) error {
+	tx, err := m.pool.Begin(ctx)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback(ctx) //nolint:errcheck
+	ms := timeout.Milliseconds()
+	if ms < 1 {
+		ms = 1
+	}
+	if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = %d", ms)); err != nil {
+		return err
+	}
+	if err := fn(ctx, tx); err != nil {
+		return err
+	}
+	return tx.Commit(ctx)
+}
+
+func (m *migration) currentPhase() string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.phase
+}
+
+// dropShadow removes the shadow, delta and state tables and the capture
+// triggers of this run. The triggers go under the same short-lock retries.
+func (m *migration) dropShadow(ctx context.Context) error {
+	if m.t == nil || m.t.OID == 0 {
+		return nil
+	}
+	return cleanup(ctx, m.pool, m.t.Schema, m.t.Name, m)
+}
+
+// Cleanup drops every leftover of an earlier run on table (shadow, delta,
+// state, capture triggers and function), leaving the table itself untouched.
+func Cleanup(ctx context.Context, pool *pgxpool.Pool, tableName string) error {
+	var schema, name string
+	err := pool.QueryRow(ctx, `select n.nspname, c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace
+		where c.oid = to_regclass($1)`, tableName).Scan(&schema, &name)
+	if err != nil {
+		return fmt.Errorf("cleanup: table %s: %w", tableName, err)
+	}
+	m := &migration{pool: pool, opts: DefaultOptions(), rep: NopReporter{}}
+	m.cmd = &Command{Schema: schema, Table: name}
+	return cleanup(ctx, pool, schema, name, m)
+}
+
+func cleanup(ctx context.Context, pool *pgxpool.Pool, schema, name string, m *migration) error {
+	tbl := ident(schema, name)
+	var hasTrig bool
+	if err := pool.QueryRow(ctx, `select exists(select 1 from pg_trigger where tgrelid = to_regclass($1) and tgname in ($2, $3))`,
+		tbl, triggerName, truncTriggerName).Scan(&hasTrig); err != nil {
+		return fmt.Errorf("cleanup %s: %w", tbl, err)
+	}
+	if hasTrig {
+		err := m.withLockRetries(ctx, func(ctx context.Context, tx pgx.Tx) error {
+			for _, tg := range []string{triggerName, truncTriggerName} {
+				if _, err := m.exec(ctx, tx, "DROP TRIGGER IF EXISTS "+qi(tg)+" ON "+tbl); err != nil {
+					return err
+				}
+			}
+			return nil
+		}, nil)
+		if err != nil {
+			return fmt.Errorf("cleanup %s: drop capture trigger: %w", tbl, err)
+		}
+	}
+	p := &plan{Schema: schema, Table: name}
+	for _, s := range []string{
+		"DROP TABLE IF EXISTS " + ident(schema, shadowName(name, "__tat_new")),
+		"DROP TABLE IF EXISTS " + ident(schema, shadowName(name, "__tat_delta")),
+		"DROP TABLE IF EXISTS " + ident(schema, shadowName(name, "__tat_state")),
+		"DROP FUNCTION IF EXISTS " + captureFunc(p) + "()",
+	} {
+		if _, err := m.exec(ctx, pool, s); err != nil {
+			return fmt.Errorf("cleanup %s: %w", tbl, err)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,229 @@
+package replicate
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// The copy splits the original by key ranges into the state table, then
+// copy_data_jobs workers copy ranges in batches of batch_size rows. Each
+// batch is its own short transaction that also moves the range's checkpoint,
+// so no snapshot is held for the whole copy and a restart continues from the
+// last finished batch. Rows changed meanwhile are in the delta; the copy
+// does not need to be consistent with itself, only complete.
+
+// planRanges fills the state table. A single integer key is split
+// arithmetically into several ranges per worker; any other key is copied as
+// one range in key order.
+func (m *migration) planRanges(ctx context.Context) error {
+	p := m.plan
+	var ranges [][2]*string
+	if len(p.Key) == 1 && isIntType(p.KeyTypes[0]) {
+		var lo, hi *int64
+		err := m.pool.QueryRow(ctx, fmt.Sprintf("SELECT min(%s)::bigint, max(%s)::bigint FROM %s",
+			qi(p.Key[0]), qi(p.Key[0]), m.t.ident())).Scan(&lo, &hi)
+		if err != nil {
+			return fmt.Errorf("key bounds: %w", err)
+		}
+		if lo != nil {
+			n := int64(m.opts.CopyDataJobs) * 4
+			if rows := m.t.EstRows / int64(m.opts.BatchSize); rows < n {
+				n = max(rows, 1)
+			}
+			span := (*hi - *lo + n) / n
+			prev := (*string)(nil)
+			for i := int64(0); i < n; i++ {
+				end := *lo + (i+1)*span - 1
+				var e *string
+				if i < n-1 && end < *hi {
+					s := fmt.Sprint(end)
+					e = &s
+				}
+				ranges = append(ranges, [2]*string{prev, e})
+				if e == nil {
+					break
+				}
+				prev = e
+			}
+		}
+	}
+	if ranges == nil {
+		ranges = [][2]*string{{nil, nil}}
+	}
+	for i, r := range ranges {
+		var lo, hi []string
+		if r[0] != nil {
+			lo = []string{*r[0]}
+		}
+		if r[1] != nil {
+			hi = []string{*r[1]}
+		}
+		if _, err := m.exec(ctx, m.pool, "INSERT INTO "+m.stateIdent()+" (range_id, lo, hi) VALUES ($1, $2, $3)", i, lo, hi); err != nil {
+			return fmt.Errorf("store range %d: %w", i, err)
+		}
+	}
+	return nil
+}
+
+func isIntType(t string) bool {
+	return t == "integer" || t == "bigint" || t == "smallint"
+}
+
+type copyRange struct {
+	id     int
+	lo, hi []string // exclusive lower, inclusive upper; nil = unbounded
+}
+
+func (m *migration) copyData(ctx context.Context) error {
+	rows, err := m.pool.Query(ctx, "SELECT range_id, coalesce(last, lo), hi FROM "+m.stateIdent()+" WHERE NOT done ORDER BY range_id")
+	if err != nil {
+		return fmt.Errorf("read ranges: %w", err)
+	}
+	todo, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (copyRange, error) {
+		var c copyRange
+		err := r.Scan(&c.id, &c.lo, &c.hi)
+		return c, err
+	})
+	if err != nil {
+		return fmt.Errorf("read ranges: %w", err)
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	work := make(chan copyRange)
+	var wg sync.WaitGroup
+	var once sync.Once
+	var firstErr error
+	for w := 0; w < m.opts.CopyDataJobs; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for r := range work {
+				if err := m.copyRange(ctx, r); err != nil {
+					once.Do(func() { firstErr = err; cancel() })
+					return
+				}
+			}
+		}()
+	}
+feed:
+	for _, r := range todo {
+		select {
+		case work <- r:
+		case <-ctx.Done():
+			break feed
+		}
+	}
+	close(work)
+	wg.Wait()
+	if firstErr != nil {
+		return firstErr
+	}
+	return ctx.Err()
+}
+
+// copyRange copies one range batch by batch, in key order.
+func (m *migration) copyRange(ctx context.Context, r copyRange) error {
+	p := m.plan
+	n := len(p.Key)
+	keyT := make([]string, n)
+	for i, k := range p.Key {
+		keyT[i] = "t." + qi(k)
+	}
+	row := func(first int) string {
+		s := make([]string, n)
+		for i := range s {
+			s[i] = fmt.Sprintf("$%d::%s", first+i, p.KeyTypes[i])
+		}
+		return "(" + strings.Join(s, ", ") + ")"
+	}
+	sel := make([]string, 0, n+len(p.SelectExprs))
+	out := make([]string, 0, len(p.SelectExprs))
+	for i, k := range keyT {
+		sel = append(sel, fmt.Sprintf("%s AS _k%d", k, i+1))
+	}
+	for i, e := range p.SelectExprs {
+		sel = append(sel, fmt.Sprintf("%s AS _c%d", e, i+1))
+		out = append(out, fmt.Sprintf("_c%d", i+1))
+	}
+	lastK := make([]string, n)
+	descK := make([]string, n)
+	for i := range lastK {
+		lastK[i] = fmt.Sprintf("_k%d::text", i+1)
+		descK[i] = fmt.Sprintf("_k%d DESC", i+1)
+	}
+	keyRow := "(" + strings.Join(keyT, ", ") + ")"
+	build := func(withLo, withHi bool) string {
+		var where []string
+		arg := 1
+		if withLo {
+			where = append(where, keyRow+" > "+row(arg))
+			arg += n
+		}
+		if withHi {
+			where = append(where, keyRow+" <= "+row(arg))
+			arg += n
+		}
+		w := ""
+		if len(where) > 0 {
+			w = " WHERE " + strings.Join(where, " AND ")
+		}
+		return fmt.Sprintf(`WITH src AS (SELECT %s FROM %s t%s ORDER BY %s LIMIT $%d),
+ins AS (INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM src)
+SELECT count(*) OVER (), ARRAY[%s] FROM src ORDER BY %s LIMIT 1`,
+			strings.Join(sel, ", "), m.t.ident(), w, strings.Join(keyT, ", "), arg,
+			m.shadowIdent(), strings.Join(p.InsertCols, ", "), strings.Join(out, ", "),
+			strings.Join(lastK, ", "), strings.Join(descK, ", "))
+	}
+	lo := r.lo
+	withHi := r.hi != nil
+	for batch := 1; ; batch++ {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		args := []any{}
+		for _, v := range lo {
+			args = append(args, v)
+		}
+		if withHi {
+			for _, v := range r.hi {
+				args = append(args, v)
+			}
+		}
+		args = append(args, m.opts.BatchSize)
+		sql := build(lo != nil, withHi)
+		var count int64
+		var last []string
+		err := pgx.BeginFunc(ctx, m.pool, func(tx pgx.Tx) error {
+			if m.opts.WorkMem != "" {
+				if _, err := tx.Exec(ctx, "SELECT set_config('work_mem', $1, true)", m.opts.WorkMem); err != nil {
+					return err
+				}
+			}
+			err := tx.QueryRow(ctx, sql, args...).Scan(&count, &last)
+			if errors.Is(err, pgx.ErrNoRows) {
+				count = 0
+				_, err = tx.Exec(ctx, "UPDATE "+m.stateIdent()+" SET done = true WHERE range_id = $1", r.id)
+				return err
+			}
+			if err != nil {
+				return err
+			}
+			_, err = tx.Exec(ctx, "UPDATE "+m.stateIdent()+" SET last = $2, rows = rows + $3, done = $4 WHERE range_id = $1",
+				r.id, last, count, count < int64(m.opts.BatchSize))
+			return err
+		})
+		if err != nil {
+			return fmt.Errorf("copy batch %d of range %d of %s: %w", batch, r.id, m.tableRef(), err)
+		}
+		m.rowsCopied.Add(count)
+		if count < int64(m.opts.BatchSize) {
+			return nil
+		}
+		lo = last
+	}
+}

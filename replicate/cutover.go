@@ -1,0 +1,151 @@
+package replicate
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// cutover swaps the shadow in, in one transaction:
+//
+//	SET LOCAL lock_timeout; LOCK original IN ACCESS EXCLUSIVE MODE;
+//	apply the last delta; read dependents; drop views, functions, inbound
+//	FKs; DROP original; RENAME shadow; rename indexes and sequences;
+//	re-create dependents; drop delta, state and capture function; COMMIT.
+//
+// The lock is requested only when no other session has held a lock on the
+// table for longer than lock_timeout (that request would time out anyway,
+// after stalling every writer queued behind it). On lock timeout the
+// transaction rolls back, the job waits time_between_locks (jittered),
+// catches up, and tries again.
+func (m *migration) cutover(ctx context.Context) error {
+	var deps *dependents
+	err := m.withLockRetries(ctx, func(ctx context.Context, tx pgx.Tx) error {
+		if err := m.waitForBlockers(ctx); err != nil {
+			return err
+		}
+		if _, err := m.exec(ctx, tx, "LOCK TABLE "+m.t.ident()+" IN ACCESS EXCLUSIVE MODE"); err != nil {
+			return err
+		}
+		started := time.Now()
+		d, err := m.swap(ctx, tx)
+		if err != nil {
+			return err
+		}
+		deps = d
+		m.event(ctx, PhaseSwitch, fmt.Sprintf("table swapped; lock held %s", time.Since(started).Round(time.Millisecond)))
+		return nil
+	}, func(ctx context.Context) error {
+		_, err := m.applyDelta(ctx, m.pool, int64(m.opts.BatchSize)*10)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	m.validations = deps.validate
+	return nil
+}
+
+// waitForBlockers waits (up to about ten lock attempts' worth of time) while
+// another session has held a lock on the table for longer than lock_timeout.
+func (m *migration) waitForBlockers(ctx context.Context) error {
+	for i := 0; i < 10; i++ {
+		var pids []int32
+		err := m.pool.QueryRow(ctx, `select coalesce(array_agg(distinct l.pid), '{}') from pg_locks l
+			join pg_stat_activity a on a.pid = l.pid
+			where l.locktype = 'relation' and l.relation = $1 and l.granted and l.pid <> pg_backend_pid()
+			  and a.xact_start < now() - $2::interval`, m.t.OID, fmt.Sprintf("%d ms", m.opts.LockTimeout.Milliseconds())).Scan(&pids)
+		if err != nil {
+			return fmt.Errorf("look for blockers: %w", err)
+		}
+		if len(pids) == 0 {
+			return nil
+		}
+		m.event(ctx, PhaseSwitch, fmt.Sprintf("sessions %v hold long locks on the table; waiting before the lock request", pids))
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(max(m.opts.TimeBetweenLocks, 100*time.Millisecond)):
+		}
+	}
+	return nil
+}
+
+func (m *migration) swap(ctx context.Context, tx pgx.Tx) (*dependents, error) {
+	p := m.plan
+	if _, err := m.applyDeltaTx(ctx, tx, 0); err != nil {
+		return nil, fmt.Errorf("final delta: %w", err)
+	}
+	if _, err := tx.Exec(ctx, catalogPath); err != nil {
+		return nil, err
+	}
+	d, err := m.readDependents(ctx, tx)
+	if err != nil {
+		return nil, fmt.Errorf("read dependents: %w", err)
+	}
+	// Re-create with the session's search_path and, as pg_dump does, without
+	// checking function bodies (they resolve names when called).
+	if _, err := tx.Exec(ctx, "reset search_path; set local check_function_bodies = off"); err != nil {
+		return nil, err
+	}
+	run := func(what string, stmts []string) error {
+		for _, s := range stmts {
+			if _, err := m.exec(ctx, tx, s); err != nil {
+				return fmt.Errorf("%s: %s: %w", what, s, err)
+			}
+		}
+		return nil
+	}
+	if err := run("detach dependents", d.before); err != nil {
+		return nil, err
+	}
+	tbl := ident(p.Schema, p.Table)
+	stmts := []string{
+		"DROP TABLE " + tbl,
+		"ALTER TABLE " + m.shadowIdent() + " RENAME TO " + qi(p.Table),
+	}
+	for _, si := range p.Indexes {
+		if si.Final != si.Name {
+			stmts = append(stmts, "ALTER INDEX "+ident(p.Schema, si.Name)+" RENAME TO "+qi(si.Final))
+		}
+	}
+	if err := run("swap", stmts); err != nil {
+		return nil, err
+	}
+	for _, is := range d.identity {
+		if _, err := m.exec(ctx, tx, "SELECT setval($1::regclass, $2, $3)", is.newSeq, is.last, is.called); err != nil {
+			return nil, fmt.Errorf("continue identity sequence: %w", err)
+		}
+		if _, err := m.exec(ctx, tx, "ALTER SEQUENCE "+is.newSeq+" RENAME TO "+qi(is.oldName)); err != nil {
+			return nil, fmt.Errorf("rename identity sequence: %w", err)
+		}
+	}
+	if err := run("re-create dependents", d.after); err != nil {
+		return nil, err
+	}
+	if err := run("drop capture", []string{
+		"DROP TABLE " + m.deltaIdent(),
+		"DROP TABLE " + m.stateIdent(),
+		"DROP FUNCTION " + captureFunc(p) + "()",
+	}); err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
+// validate validates the constraints re-created NOT VALID at the switch. It
+// takes SHARE UPDATE EXCLUSIVE, which does not block reads or writes.
+func (m *migration) validate(ctx context.Context) error {
+	for _, s := range m.validations {
+		err := m.withLockRetries(ctx, func(ctx context.Context, tx pgx.Tx) error {
+			_, err := m.exec(ctx, tx, s)
+			return err
+		}, nil)
+		if err != nil {
+			return fmt.Errorf("%s: %w", s, err)
+		}
+	}
+	return nil
+}

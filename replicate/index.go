@@ -1,0 +1,151 @@
+package replicate
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"sync"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// buildIndexes builds the shadow's indexes (as the ALTER left them) with
+// create_index_jobs sessions, each honouring maintenance_work_mem and
+// max_parallel_maintenance_workers. Constraints are attached afterwards
+// (USING INDEX is a catalog change), and exclusion constraints build their
+// own index. An index that already exists and is valid (a continued run) is
+// kept; an invalid leftover is dropped and rebuilt.
+func (m *migration) buildIndexes(ctx context.Context) error {
+	p := m.plan
+	existing := map[string]bool{}
+	rows, err := m.q(ctx, m.pool, `select c.relname, i.indisvalid::text from pg_index i join pg_class c on c.oid = i.indexrelid
+		where i.indrelid = $1::regclass`, m.shadowIdent())
+	if err != nil {
+		return err
+	}
+	for _, r := range rows {
+		if r[1] != "true" {
+			if _, err := m.exec(ctx, m.pool, "DROP INDEX "+ident(p.Schema, r[0])); err != nil {
+				return fmt.Errorf("drop invalid leftover index %s: %w", r[0], err)
+			}
+			continue
+		}
+		existing[r[0]] = true
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	work := make(chan shadowIndex)
+	var wg sync.WaitGroup
+	var once sync.Once
+	var firstErr error
+	for w := 0; w < m.opts.CreateIndexJobs; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for si := range work {
+				if err := m.buildIndex(ctx, si); err != nil {
+					once.Do(func() { firstErr = err; cancel() })
+					return
+				}
+			}
+		}()
+	}
+feed:
+	for _, si := range p.Indexes {
+		if si.Exclusion || existing[si.Name] {
+			continue
+		}
+		select {
+		case work <- si:
+		case <-ctx.Done():
+			break feed
+		}
+	}
+	close(work)
+	wg.Wait()
+	if firstErr != nil {
+		return firstErr
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return pgx.BeginFunc(ctx, m.pool, func(tx pgx.Tx) error {
+		if err := m.sessionSettings(ctx, tx); err != nil {
+			return err
+		}
+		for _, si := range p.Indexes {
+			if si.Constraint == "" {
+				continue
+			}
+			var have bool
+			if err := tx.QueryRow(ctx, `select exists(select 1 from pg_constraint c join pg_class i on i.oid = c.conindid
+				where c.conrelid = $1::regclass and i.relname = $2)`, m.shadowIdent(), si.Name).Scan(&have); err != nil {
+				return err
+			}
+			if have {
+				continue
+			}
+			if _, err := m.exec(ctx, tx, si.Constraint); err != nil {
+				return fmt.Errorf("constraint on index %s: %w", si.Name, err)
+			}
+		}
+		for _, si := range p.Indexes {
+			if si.Clustered {
+				if _, err := m.exec(ctx, tx, "ALTER TABLE "+m.shadowIdent()+" CLUSTER ON "+qi(si.Name)); err != nil {
+					return err
+				}
+			}
+		}
+		if p.ReplIdent == "i" && p.ReplIndex != "" {
+			if _, err := m.exec(ctx, tx, "ALTER TABLE "+m.shadowIdent()+" REPLICA IDENTITY USING INDEX "+qi(p.ReplIndex)); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+func (m *migration) buildIndex(ctx context.Context, si shadowIndex) error {
+	conn, err := m.pool.Acquire(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Release()
+	return pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+		if err := m.sessionSettings(ctx, tx); err != nil {
+			return err
+		}
+		if _, err := m.exec(ctx, tx, si.CreateSQL); err != nil {
+			return fmt.Errorf("build index %s: %w", si.Final, err)
+		}
+		m.event(ctx, PhaseIndex, "built index "+si.Final)
+		return nil
+	})
+}
+
+// sessionSettings applies the memory and parallelism options to a transaction.
+func (m *migration) sessionSettings(ctx context.Context, tx pgx.Tx) error {
+	set := func(name, v string) error {
+		_, err := tx.Exec(ctx, "SELECT set_config($1, $2, true)", name, v)
+		if err != nil {
+			return fmt.Errorf("set %s = %s: %w", name, v, err)
+		}
+		return nil
+	}
+	if m.opts.MaintenanceWorkMem != "" {
+		if err := set("maintenance_work_mem", m.opts.MaintenanceWorkMem); err != nil {
+			return err
+		}
+	}
+	if m.opts.WorkMem != "" {
+		if err := set("work_mem", m.opts.WorkMem); err != nil {
+			return err
+		}
+	}
+	if m.opts.MaxParallelMaintenanceWorkers >= 0 {
+		if err := set("max_parallel_maintenance_workers", strconv.Itoa(m.opts.MaxParallelMaintenanceWorkers)); err != nil {
+			return err
+		}
+	}
+	return nil
+}

@@ -1,0 +1,128 @@
+package replicate
+
+import (
+	"context"
+	"fmt"
+	"time"
+)
+
+// Capture methods.
+const (
+	CaptureTrigger = "trigger"
+	CaptureLogical = "logical"
+)
+
+// Options are the knobs of one migration. They mirror the original pg_tat
+// flags and the named arguments of tat.alter.
+type Options struct {
+	Command string // one ALTER TABLE (or pg_tat's "alter table T move column A before B")
+
+	// RunAs is the role whose right to ALTER the table is checked (the
+	// caller of tat.alter). Empty means the connection's current_user.
+	RunAs string
+
+	Capture                       string // trigger | logical
+	CopyDataJobs                  int
+	CreateIndexJobs               int
+	BatchSize                     int
+	LockTimeout                   time.Duration // first cut-over lock attempt; grows per attempt
+	TimeBetweenLocks              time.Duration
+	MinDeltaRows                  int64
+	WorkMem                       string // e.g. "64MB"; empty keeps the server's
+	MaintenanceWorkMem            string
+	MaxParallelMaintenanceWorkers int  // -1 keeps the server's
+	ManualSwitch                  bool // stop in waiting_switch until Control says switch
+	SkipFKValidation              bool
+	MaxLockAttempts               int           // 0 = unlimited
+	CatchupTimeout                time.Duration // give up when the backlog never drops below MinDeltaRows
+
+	// Continue reuses the shadow objects of an earlier, interrupted run of
+	// the same command (copy resumes from the checkpoint, finished indexes
+	// are kept). --continue-create-indexes and --continue-switch-table map here.
+	Continue bool
+
+	// ShowQueries, when set, receives every SQL statement the engine runs.
+	ShowQueries func(sql string)
+}
+
+// DefaultOptions are the defaults of the CLI and of tat.alter.
+func DefaultOptions() Options {
+	return Options{
+		Capture:                       CaptureTrigger,
+		CopyDataJobs:                  1,
+		CreateIndexJobs:               2,
+		BatchSize:                     10000,
+		LockTimeout:                   200 * time.Millisecond,
+		TimeBetweenLocks:              2 * time.Second,
+		MinDeltaRows:                  1000,
+		MaxParallelMaintenanceWorkers: -1,
+		CatchupTimeout:                time.Hour,
+	}
+}
+
+// Validate rejects option values the engine cannot honour.
+func (o Options) Validate() error {
+	switch {
+	case o.Capture != CaptureTrigger && o.Capture != CaptureLogical:
+		return fmt.Errorf("capture must be %q or %q, not %q", CaptureTrigger, CaptureLogical, o.Capture)
+	case o.CopyDataJobs < 1:
+		return fmt.Errorf("copy_data_jobs must be at least 1")
+	case o.CreateIndexJobs < 1:
+		return fmt.Errorf("create_index_jobs must be at least 1")
+	case o.BatchSize < 1:
+		return fmt.Errorf("batch_size must be at least 1")
+	case o.LockTimeout <= 0:
+		return fmt.Errorf("lock_timeout must be positive")
+	case o.TimeBetweenLocks < 0:
+		return fmt.Errorf("time_between_locks must not be negative")
+	case o.MinDeltaRows < 0:
+		return fmt.Errorf("min_delta_rows must not be negative")
+	}
+	return nil
+}
+
+// Phases, in order. They are the values of tat.status.phase.
+const (
+	PhasePrepare  = "prepare"
+	PhaseCapture  = "capture"
+	PhaseCopy     = "copy"
+	PhaseIndex    = "index"
+	PhaseAnalyze  = "analyze"
+	PhaseCatchup  = "catchup"
+	PhaseSwitch   = "switch"
+	PhaseValidate = "validate"
+)
+
+// Progress is a snapshot of a running migration.
+type Progress struct {
+	Phase        string
+	Table        string // schema-qualified, quoted
+	RowsCopied   int64
+	RowsTotal    int64 // estimate
+	DeltaBacklog int64
+	LockAttempts int
+	Waiting      bool // waiting for a manual switch
+}
+
+// Reporter receives what the engine does. The sidecar writes it to
+// tat.migrations / tat.events; the CLI prints it. Calls come from several
+// goroutines.
+type Reporter interface {
+	// Progress is called on phase changes and at least every few seconds.
+	Progress(ctx context.Context, p Progress)
+	// Event records one thing a DBA cares about (phase change, lock retry, ...).
+	Event(ctx context.Context, phase, message string)
+}
+
+// Control lets the driver steer a running migration. The engine polls it
+// between batches and while waiting for a manual switch.
+type Control interface {
+	// SwitchRequested reports whether a manual switch was asked for.
+	SwitchRequested(ctx context.Context) (bool, error)
+}
+
+// NopReporter discards everything.
+type NopReporter struct{}
+
+func (NopReporter) Progress(context.Context, Progress)    {}
+func (NopReporter) Event(context.Context, string, string) {}

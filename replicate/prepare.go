@@ -1,0 +1,494 @@
+package replicate
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+	pg_query "github.com/pganalyze/pg_query_go/v6"
+)
+
+// plan is what prepare decides and later phases (possibly after a restart)
+// need. It is stored as JSON in the comment of the state table, so that a
+// --continue run picks it up without the tat schema.
+type plan struct {
+	Shadow  string `json:"shadow"`
+	Delta   string `json:"delta"`
+	State   string `json:"state"`
+	Schema  string `json:"schema"`
+	Table   string `json:"table"`
+	TableID uint32 `json:"table_oid"`
+	Command string `json:"command"`
+
+	Key       []string `json:"key"`        // key columns on the original
+	KeyTypes  []string `json:"key_types"`  // their types
+	ShadowKey []string `json:"shadow_key"` // the same columns on the shadow
+
+	// Copy: INSERT INTO shadow (InsertCols) SELECT SelectExprs FROM original.
+	InsertCols  []string `json:"insert_cols"`
+	SelectExprs []string `json:"select_exprs"`
+
+	Indexes   []shadowIndex     `json:"indexes"`    // built in phase index
+	FKs       []namedDef        `json:"fks"`        // outbound FKs, added NOT VALID at the switch
+	Checks    []namedDef        `json:"checks"`     // NOT VALID checks, re-added at the switch
+	IndexMap  map[string]string `json:"index_map"`  // original index name -> shadow name
+	ReplIdent string            `json:"repl_ident"` // d, n, f or i
+	ReplIndex string            `json:"repl_index"` // shadow index name for i
+	Renames   map[string]string `json:"renames"`    // column renames of the command
+}
+
+// shadowIndex is one index of the shadow, captured after the ALTER ran on it.
+type shadowIndex struct {
+	Name       string `json:"name"`        // name on the shadow
+	Final      string `json:"final"`       // name after the switch
+	CreateSQL  string `json:"create_sql"`  // CREATE INDEX on the shadow
+	Constraint string `json:"constraint"`  // ALTER TABLE ... ADD CONSTRAINT, empty for plain indexes
+	Exclusion  bool   `json:"exclusion"`   // built by the constraint itself
+	Clustered  bool   `json:"clustered"`   // CLUSTER ON mark
+	OrigName   string `json:"orig_name"`   // name on the original, empty when the ALTER added it
+	IsKeyIndex bool   `json:"is_key"`
+}
+
+type namedDef struct {
+	Name string `json:"name"`
+	Def  string `json:"def"`
+}
+
+// prepare creates the shadow with the original's definition, applies the
+// ALTER to it, records the resulting indexes and constraints, and drops them
+// so that the copy loads a bare heap. Nothing on the original changes.
+func (m *migration) prepare(ctx context.Context) error {
+	tx, err := m.pool.Begin(ctx)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback(ctx) //nolint:errcheck
+	t := m.t
+	p := &plan{
+		Shadow: shadowName(t.Name, "__tat_new"), Delta: shadowName(t.Name, "__tat_delta"),
+		State: shadowName(t.Name, "__tat_state"), Schema: t.Schema, Table: t.Name, TableID: t.OID,
+		Command: m.cmd.Text, Key: t.Key, KeyTypes: t.KeyTypes, IndexMap: map[string]string{},
+		Renames: m.cmd.renames,
+	}
+	shadow := ident(p.Schema, p.Shadow)
+
+	// Columns, in the original order or the moved one.
+	cols := append([]column(nil), t.Columns...)
+	if mv := m.cmd.Move; mv != nil {
+		cols, err = moveColumn(cols, mv.Column, mv.Before)
+		if err != nil {
+			return err
+		}
+	}
+	defs := make([]string, 0, len(cols))
+	for _, c := range cols {
+		defs = append(defs, columnDDL(c))
+	}
+	// Valid CHECK constraints stay on the shadow during the load: the copy is
+	// checked as the in-place ALTER would check it.
+	checks, err := m.q(ctx, tx, `select conname, pg_get_constraintdef(oid), convalidated from pg_constraint
+		where conrelid = $1 and contype = 'c' order by conname`, t.OID)
+	if err != nil {
+		return err
+	}
+	for _, c := range checks {
+		if c[2] == "true" {
+			defs = append(defs, "CONSTRAINT "+qi(c[0])+" "+c[1])
+		} else {
+			p.Checks = append(p.Checks, namedDef{Name: c[0], Def: c[1]})
+		}
+	}
+	create := "CREATE "
+	if t.Persistence == "u" {
+		create += "UNLOGGED "
+	}
+	create += "TABLE " + shadow + " (\n  " + strings.Join(defs, ",\n  ") + "\n)"
+	if t.AccessMethod != "" && t.AccessMethod != "heap" {
+		create += " USING " + qi(t.AccessMethod)
+	}
+	opts := append([]string(nil), t.RelOptions...)
+	for _, o := range t.ToastOptions {
+		opts = append(opts, "toast."+o)
+	}
+	if len(opts) > 0 {
+		create += " WITH (" + relOptions(opts) + ")"
+	}
+	if t.Tablespace != "" {
+		create += " TABLESPACE " + qi(t.Tablespace)
+	}
+	stmts := []string{create}
+	for _, c := range cols {
+		col := shadow + " ALTER COLUMN " + qi(c.Name)
+		if c.Storage != "" {
+			stmts = append(stmts, "ALTER TABLE "+col+" SET STORAGE "+c.Storage)
+		}
+		if c.Compress != "" {
+			stmts = append(stmts, "ALTER TABLE "+col+" SET COMPRESSION "+c.Compress)
+		}
+		if c.StatTgt >= 0 {
+			stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s SET STATISTICS %d", col, c.StatTgt))
+		}
+		if len(c.Options) > 0 {
+			stmts = append(stmts, "ALTER TABLE "+col+" SET ("+relOptions(c.Options)+")")
+		}
+	}
+	var rowSec, forceSec bool
+	var replIdent string
+	if err := tx.QueryRow(ctx, `select relrowsecurity, relforcerowsecurity, relreplident::text from pg_class where oid = $1`,
+		t.OID).Scan(&rowSec, &forceSec, &replIdent); err != nil {
+		return fmt.Errorf("read table flags: %w", err)
+	}
+	if rowSec {
+		stmts = append(stmts, "ALTER TABLE "+shadow+" ENABLE ROW LEVEL SECURITY")
+	}
+	if forceSec {
+		stmts = append(stmts, "ALTER TABLE "+shadow+" FORCE ROW LEVEL SECURITY")
+	}
+	if replIdent == "f" {
+		stmts = append(stmts, "ALTER TABLE "+shadow+" REPLICA IDENTITY FULL")
+	} else if replIdent == "n" {
+		stmts = append(stmts, "ALTER TABLE "+shadow+" REPLICA IDENTITY NOTHING")
+	}
+	for _, s := range stmts {
+		if _, err := m.exec(ctx, tx, s); err != nil {
+			return fmt.Errorf("create shadow %s: %w", shadow, err)
+		}
+	}
+
+	// Indexes and index-backed constraints, under names of their own
+	// (index names are unique per schema), so the ALTER sees them.
+	idx, err := m.q(ctx, tx, `select ic.relname, i.indexrelid::text, pg_get_indexdef(i.indexrelid),
+		coalesce(ts.spcname, ''), coalesce(con.contype::text, ''), coalesce(pg_get_constraintdef(con.oid), ''),
+		i.indisvalid::text, i.indisclustered::text
+		from pg_index i join pg_class ic on ic.oid = i.indexrelid
+		left join pg_tablespace ts on ts.oid = ic.reltablespace
+		left join pg_constraint con on con.conindid = i.indexrelid and con.conrelid = i.indrelid and con.contype in ('p','u','x')
+		where i.indrelid = $1 order by ic.relname`, t.OID)
+	if err != nil {
+		return err
+	}
+	for _, r := range idx {
+		name, oid, def, ts, contype, condef := r[0], r[1], r[2], r[3], r[4], r[5]
+		if r[6] != "true" {
+			m.event(ctx, PhasePrepare, fmt.Sprintf("index %s is invalid on the original and is not rebuilt", name))
+			continue
+		}
+		tmp := truncName(name, 63-len("_tat")-len(oid)) + "_tat" + oid
+		p.IndexMap[name] = tmp
+		var s string
+		if contype != "" {
+			s = "ALTER TABLE " + shadow + " ADD CONSTRAINT " + qi(tmp) + " " + condef
+		} else {
+			s, err = retargetIndex(def, tmp, p.Schema, p.Shadow, ts)
+			if err != nil {
+				return err
+			}
+		}
+		if _, err := m.exec(ctx, tx, s); err != nil {
+			return fmt.Errorf("copy index %s to shadow: %w", name, err)
+		}
+		if r[7] == "true" {
+			if _, err := m.exec(ctx, tx, "ALTER TABLE "+shadow+" CLUSTER ON "+qi(tmp)); err != nil {
+				return err
+			}
+		}
+	}
+	if replIdent == "i" {
+		var ri string
+		if err := tx.QueryRow(ctx, `select c.relname from pg_index i join pg_class c on c.oid = i.indexrelid
+			where i.indrelid = $1 and i.indisreplident`, t.OID).Scan(&ri); err == nil && p.IndexMap[ri] != "" {
+			if _, err := m.exec(ctx, tx, "ALTER TABLE "+shadow+" REPLICA IDENTITY USING INDEX "+qi(p.IndexMap[ri])); err != nil {
+				return err
+			}
+		}
+	}
+	// Outbound foreign keys, so that an ALTER naming them works; they are
+	// taken off again below and come back NOT VALID at the switch.
+	fks, err := m.q(ctx, tx, `select conname, pg_get_constraintdef(oid) from pg_constraint
+		where conrelid = $1 and contype = 'f' order by conname`, t.OID)
+	if err != nil {
+		return err
+	}
+	for _, f := range fks {
+		def := f[1]
+		if !strings.HasSuffix(def, " NOT VALID") {
+			def += " NOT VALID"
+		}
+		if _, err := m.exec(ctx, tx, "ALTER TABLE "+shadow+" ADD CONSTRAINT "+qi(f[0])+" "+def); err != nil {
+			return fmt.Errorf("copy foreign key %s to shadow: %w", f[0], err)
+		}
+	}
+
+	// The ALTER itself, rewritten by the parser to target the shadow.
+	if sql, err := m.cmd.ShadowSQL(p.Schema, p.Shadow, p.IndexMap); err != nil {
+		return err
+	} else if sql != "" {
+		if _, err := m.exec(ctx, tx, sql); err != nil {
+			return fmt.Errorf("apply the command to the shadow: %w", err)
+		}
+	}
+
+	if err := m.capturePlan(ctx, tx, p, fks); err != nil {
+		return err
+	}
+	if err := m.planCopy(ctx, tx, p); err != nil {
+		return err
+	}
+	if err := createState(ctx, m, tx, p); err != nil {
+		return err
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return fmt.Errorf("commit prepare: %w", err)
+	}
+	m.plan = p
+	return nil
+}
+
+// capturePlan records the shadow's indexes and foreign keys as the ALTER left
+// them, then drops them: the copy is fastest into a bare heap.
+func (m *migration) capturePlan(ctx context.Context, tx pgx.Tx, p *plan, origFKs [][]string) error {
+	shadow := ident(p.Schema, p.Shadow)
+	if _, err := tx.Exec(ctx, catalogPath); err != nil {
+		return err
+	}
+	defer tx.Exec(ctx, "reset search_path") //nolint:errcheck
+	rows, err := m.q(ctx, tx, `select ic.relname, pg_get_indexdef(i.indexrelid), coalesce(ts.spcname, ''),
+		coalesce(con.contype::text, ''), coalesce(con.conname, ''), coalesce(pg_get_constraintdef(con.oid), ''),
+		i.indisclustered::text, i.indisreplident::text,
+		coalesce(con.condeferrable, false)::text, coalesce(con.condeferred, false)::text
+		from pg_index i join pg_class ic on ic.oid = i.indexrelid
+		left join pg_tablespace ts on ts.oid = ic.reltablespace
+		left join pg_constraint con on con.conindid = i.indexrelid and con.conrelid = i.indrelid and con.contype in ('p','u','x')
+		where i.indrelid = $1::regclass order by ic.relname`, shadow)
+	if err != nil {
+		return err
+	}
+	var replIdent string
+	if err := tx.QueryRow(ctx, `select relreplident::text from pg_class where oid = $1::regclass`, shadow).Scan(&replIdent); err != nil {
+		return err
+	}
+	p.ReplIdent = replIdent
+	orig := map[string]string{}
+	for o, s := range p.IndexMap {
+		orig[s] = o
+	}
+	var drops []string
+	for _, r := range rows {
+		name, def, ts, contype, conname, condef := r[0], r[1], r[2], r[3], r[4], r[5]
+		si := shadowIndex{Name: name, Clustered: r[6] == "true", OrigName: orig[name]}
+		si.Final = si.OrigName
+		if si.Final == "" {
+			si.Final = name
+			if strings.HasPrefix(name, p.Shadow) {
+				// An index the ALTER named after the shadow: name it after the table.
+				si.Final = truncName(p.Table+strings.TrimPrefix(name, p.Shadow), 63)
+			}
+		}
+		if r[7] == "true" {
+			p.ReplIndex = name
+		}
+		var err error
+		si.CreateSQL, err = retargetIndex(def, name, p.Schema, p.Shadow, ts)
+		if err != nil {
+			return err
+		}
+		switch contype {
+		case "p", "u":
+			kind := "PRIMARY KEY"
+			if contype == "u" {
+				kind = "UNIQUE"
+			}
+			si.Constraint = "ALTER TABLE " + shadow + " ADD CONSTRAINT " + qi(conname) + " " + kind + " USING INDEX " + qi(name)
+			if r[8] == "true" {
+				si.Constraint += " DEFERRABLE"
+				if r[9] == "true" {
+					si.Constraint += " INITIALLY DEFERRED"
+				}
+			}
+			drops = append(drops, "ALTER TABLE "+shadow+" DROP CONSTRAINT "+qi(conname))
+		case "x":
+			si.Exclusion = true
+			si.Constraint = "ALTER TABLE " + shadow + " ADD CONSTRAINT " + qi(conname) + " " + condef
+			drops = append(drops, "ALTER TABLE "+shadow+" DROP CONSTRAINT "+qi(conname))
+		default:
+			drops = append(drops, "DROP INDEX "+ident(p.Schema, name))
+		}
+		p.Indexes = append(p.Indexes, si)
+	}
+	fks, err := m.q(ctx, tx, `select conname, pg_get_constraintdef(oid) from pg_constraint
+		where conrelid = $1::regclass and contype = 'f' order by conname`, shadow)
+	if err != nil {
+		return err
+	}
+	validOrig := map[string]bool{}
+	for _, f := range origFKs {
+		validOrig[f[0]] = !strings.HasSuffix(f[1], " NOT VALID")
+	}
+	for _, f := range fks {
+		def := f[1]
+		if v, ok := validOrig[f[0]]; ok && v {
+			def = strings.TrimSuffix(def, " NOT VALID")
+		}
+		p.FKs = append(p.FKs, namedDef{Name: f[0], Def: def})
+		drops = append(drops, "ALTER TABLE "+shadow+" DROP CONSTRAINT "+qi(f[0]))
+	}
+	for _, s := range drops {
+		if _, err := m.exec(ctx, tx, s); err != nil {
+			return fmt.Errorf("strip shadow for the load: %w", err)
+		}
+	}
+	return nil
+}
+
+// planCopy maps the shadow's columns to expressions over the original.
+func (m *migration) planCopy(ctx context.Context, tx pgx.Tx, p *plan) error {
+	shadow := ident(p.Schema, p.Shadow)
+	rows, err := m.q(ctx, tx, `select attname, (attgenerated <> '')::text from pg_attribute
+		where attrelid = $1::regclass and attnum > 0 and not attisdropped order by attnum`, shadow)
+	if err != nil {
+		return err
+	}
+	src := map[string]bool{}
+	for _, c := range m.t.Columns {
+		src[m.cmd.RenamedTo(c.Name)] = true
+	}
+	back := map[string]string{}
+	for o, n := range m.cmd.renames {
+		back[n] = o
+	}
+	for _, r := range rows {
+		name, generated := r[0], r[1] == "true"
+		if generated || !src[name] {
+			continue // recomputed, or new: its default applies
+		}
+		orig := name
+		if o, ok := back[name]; ok {
+			orig = o
+		}
+		expr := "t." + qi(orig)
+		if u, ok, err := m.cmd.UsingExpr(orig); err != nil {
+			return err
+		} else if ok {
+			expr = "(" + u + ")"
+		}
+		p.InsertCols = append(p.InsertCols, qi(name))
+		p.SelectExprs = append(p.SelectExprs, expr)
+	}
+	for _, k := range p.Key {
+		nk := m.cmd.RenamedTo(k)
+		found := false
+		for _, r := range rows {
+			if r[0] == nk {
+				found = true
+			}
+		}
+		if !found {
+			return fmt.Errorf("%w: the command drops key column %s, which change capture needs", ErrBadCommand, k)
+		}
+		p.ShadowKey = append(p.ShadowKey, nk)
+	}
+	// Fail now, not after the copy, when a USING expression does not fit
+	// the original's columns (the original tool found out at the switch).
+	probe := fmt.Sprintf("SELECT %s FROM %s t WHERE false", strings.Join(p.SelectExprs, ", "), m.t.ident())
+	if _, err := m.exec(ctx, tx, probe); err != nil {
+		return fmt.Errorf("%w: the command's expressions do not apply to %s: %v", ErrBadCommand, m.t.ident(), err)
+	}
+	return nil
+}
+
+// retargetIndex rewrites an index definition to a new name, table and
+// tablespace, through the parser.
+func retargetIndex(def, name, schema, table, tablespace string) (string, error) {
+	tree, err := pg_query.Parse(def)
+	if err != nil {
+		return "", fmt.Errorf("parse index definition %q: %w", def, err)
+	}
+	st := tree.Stmts[0].Stmt.GetIndexStmt()
+	if st == nil {
+		return "", fmt.Errorf("not an index definition: %q", def)
+	}
+	st.Idxname = name
+	st.Relation.Schemaname, st.Relation.Relname = schema, table
+	st.TableSpace = tablespace
+	out, err := pg_query.Deparse(tree)
+	if err != nil {
+		return "", fmt.Errorf("deparse index definition: %w", err)
+	}
+	return out, nil
+}
+
+func moveColumn(cols []column, col, before string) ([]column, error) {
+	from, to := -1, -1
+	for i, c := range cols {
+		if c.Name == col {
+			from = i
+		}
+		if c.Name == before {
+			to = i
+		}
+	}
+	if from < 0 || to < 0 {
+		return nil, fmt.Errorf("%w: MOVE COLUMN: column %q or %q does not exist", ErrBadCommand, col, before)
+	}
+	c := cols[from]
+	out := append(append([]column(nil), cols[:from]...), cols[from+1:]...)
+	if from < to {
+		to--
+	}
+	out = append(out[:to], append([]column{c}, out[to:]...)...)
+	return out, nil
+}
+
+// relOptions renders reloptions ("fillfactor=70") as a WITH list with quoted values.
+func relOptions(opts []string) string {
+	parts := make([]string, len(opts))
+	for i, o := range opts {
+		k, v, _ := strings.Cut(o, "=")
+		parts[i] = k + "=" + quoteLiteral(v)
+	}
+	return strings.Join(parts, ", ")
+}
+
+func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
+
+// createState makes the state table: the plan (as its comment) and the copy
+// checkpoints, so a restarted run continues where this one stopped.
+func createState(ctx context.Context, m *migration, tx pgx.Tx, p *plan) error {
+	st := ident(p.Schema, p.State)
+	keyTypes := make([]string, len(p.KeyTypes))
+	copy(keyTypes, p.KeyTypes)
+	if _, err := m.exec(ctx, tx, "CREATE TABLE "+st+` (range_id int PRIMARY KEY, lo text[], hi text[], last text[],
+		rows bigint NOT NULL DEFAULT 0, done boolean NOT NULL DEFAULT false)`); err != nil {
+		return fmt.Errorf("create state table: %w", err)
+	}
+	js, err := json.Marshal(p)
+	if err != nil {
+		return err
+	}
+	if _, err := m.exec(ctx, tx, "COMMENT ON TABLE "+st+" IS "+quoteLiteral(string(js))); err != nil {
+		return fmt.Errorf("store plan: %w", err)
+	}
+	return nil
+}
+
+// loadPlan reads the plan of an earlier run, if there is one.
+func loadPlan(ctx context.Context, q querier, schema, stateTable string) (*plan, error) {
+	var js *string
+	err := q.QueryRow(ctx, `select obj_description(to_regclass($1), 'pg_class')`, ident(schema, stateTable)).Scan(&js)
+	if err != nil {
+		return nil, fmt.Errorf("read plan: %w", err)
+	}
+	if js == nil {
+		return nil, nil
+	}
+	p := &plan{}
+	if err := json.Unmarshal([]byte(*js), p); err != nil {
+		return nil, fmt.Errorf("decode plan: %w", err)
+	}
+	return p, nil
+}
+
+var errNoPlan = errors.New("no earlier run to continue")

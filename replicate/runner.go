@@ -1,0 +1,333 @@
+// Package replicate is the migration engine: given a pool, one ALTER TABLE
+// and options it runs the phases (prepare, capture, copy, index, analyze,
+// catchup, switch, validate). It knows nothing of jobs, LISTEN or terminals:
+// the sidecar (through sqlapi) and the pg_tat CLI drive the same code.
+// See README.md in this folder for the locking story.
+package replicate
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// migration is the state of one run.
+type migration struct {
+	pool *pgxpool.Pool
+	opts Options
+	rep  Reporter
+	ctl  Control
+	cmd  *Command
+	t    *table
+	plan *plan
+
+	validations []string // VALIDATE CONSTRAINT statements left by the switch
+
+	mu           sync.Mutex
+	phase        string
+	rowsCopied   atomic.Int64
+	deltaBacklog atomic.Int64
+	lockAttempts atomic.Int64
+	waiting      atomic.Bool
+}
+
+// Run runs one migration to the end (or to the first error). ctl may be nil.
+// On error the original table is untouched; shadow objects are left for a
+// --continue run or for Cleanup.
+func Run(ctx context.Context, pool *pgxpool.Pool, opts Options, rep Reporter, ctl Control) error {
+	if err := opts.Validate(); err != nil {
+		return fmt.Errorf("%w: %v", ErrBadCommand, err)
+	}
+	if rep == nil {
+		rep = NopReporter{}
+	}
+	cmd, err := ParseCommand(opts.Command)
+	if err != nil {
+		return err
+	}
+	m := &migration{pool: pool, opts: opts, rep: rep, ctl: ctl, cmd: cmd}
+	return m.run(ctx)
+}
+
+func (m *migration) run(ctx context.Context) error {
+	m.setPhase(ctx, PhasePrepare)
+	if err := m.check(ctx); err != nil {
+		return err
+	}
+	if !m.cmd.NeedsRewrite() {
+		return m.runDirect(ctx)
+	}
+	if m.opts.Capture == CaptureLogical {
+		return fmt.Errorf("%w: capture 'logical' is not available yet; use 'trigger'", ErrBadCommand)
+	}
+	resumed, err := m.resume(ctx)
+	if err != nil {
+		return err
+	}
+	if !resumed {
+		if err := m.prepare(ctx); err != nil {
+			_ = m.dropShadow(context.WithoutCancel(ctx))
+			return fmt.Errorf("prepare: %w", err)
+		}
+		m.setPhase(ctx, PhaseCapture)
+		if err := m.installTrigger(ctx); err != nil {
+			_ = m.dropShadow(context.WithoutCancel(ctx))
+			return fmt.Errorf("capture: %w", err)
+		}
+		if err := m.planRanges(ctx); err != nil {
+			return fmt.Errorf("copy: %w", err)
+		}
+	}
+	stopProgress := m.progressLoop(ctx)
+	defer stopProgress()
+
+	m.setPhase(ctx, PhaseCopy)
+	if err := m.copyData(ctx); err != nil {
+		return fmt.Errorf("copy: %w", err)
+	}
+	m.setPhase(ctx, PhaseIndex)
+	if err := m.buildIndexes(ctx); err != nil {
+		return fmt.Errorf("index: %w", err)
+	}
+	m.setPhase(ctx, PhaseAnalyze)
+	if _, err := m.exec(ctx, m.pool, "ANALYZE "+m.shadowIdent()); err != nil {
+		return fmt.Errorf("analyze: %w", err)
+	}
+	m.setPhase(ctx, PhaseCatchup)
+	if err := m.catchup(ctx); err != nil {
+		return fmt.Errorf("catchup: %w", err)
+	}
+	if err := m.waitForSwitch(ctx); err != nil {
+		return err
+	}
+	m.setPhase(ctx, PhaseSwitch)
+	if err := m.cutover(ctx); err != nil {
+		return fmt.Errorf("switch: %w", err)
+	}
+	m.setPhase(ctx, PhaseValidate)
+	if err := m.validate(ctx); err != nil {
+		return fmt.Errorf("validate: %w", err)
+	}
+	m.report(ctx)
+	return nil
+}
+
+// check verifies, before anything is created, that the table exists, that
+// the requesting role may ALTER it (owner or member of the owning role, as
+// for ALTER TABLE itself) and that it has a usable key.
+func (m *migration) check(ctx context.Context) error {
+	tx, err := m.pool.Begin(ctx)
+	if err != nil {
+		return fmt.Errorf("prepare: %w", err)
+	}
+	defer tx.Rollback(ctx) //nolint:errcheck
+	t, err := loadTable(ctx, tx, m.cmd.Schema, m.cmd.Table)
+	if err != nil {
+		if errors.Is(err, ErrNoKey) && !m.cmd.NeedsRewrite() {
+			// A catalog-only change needs no key; only the table itself.
+			t, err = &table{Schema: m.cmd.Schema, Name: m.cmd.Table}, nil
+		} else {
+			return fmt.Errorf("%w: %v", ErrBadCommand, err)
+		}
+	}
+	m.t = t
+	role := m.opts.RunAs
+	if role == "" {
+		if err := tx.QueryRow(ctx, "select current_user::text").Scan(&role); err != nil {
+			return err
+		}
+	}
+	var ok bool
+	err = tx.QueryRow(ctx, `select pg_has_role($1::text::name, c.relowner, 'MEMBER')
+		from pg_class c where c.oid = to_regclass($2)`, role, m.tableRef()).Scan(&ok)
+	if err != nil {
+		return fmt.Errorf("%w: check privilege of %s: %v", ErrBadCommand, role, err)
+	}
+	if !ok {
+		return fmt.Errorf("%w: role %s must own table %s (or be a member of its owner) to alter it", ErrBadCommand, role, m.tableRef())
+	}
+	if m.t.OID != 0 {
+		// Dependents the switch cannot carry over are refused now, not at the switch.
+		var mv string
+		err := tx.QueryRow(ctx, `select string_agg(v.oid::regclass::text, ', ')
+			from pg_depend d join pg_rewrite r on r.oid = d.objid join pg_class v on v.oid = r.ev_class
+			where d.refobjid = $1 and d.classid = 'pg_rewrite'::regclass and v.relkind = 'm'`, m.t.OID).Scan(&mv)
+		if err == nil && mv != "" {
+			return fmt.Errorf("%w: materialized view(s) %s depend on %s; drop them first (re-creating them would hold the lock for a full refresh)", ErrBadCommand, mv, m.tableRef())
+		}
+	}
+	return nil
+}
+
+func (m *migration) tableRef() string {
+	if m.t != nil && m.t.Schema != "" {
+		return m.t.ident()
+	}
+	if m.cmd.Schema != "" {
+		return ident(m.cmd.Schema, m.cmd.Table)
+	}
+	return qi(m.cmd.Table)
+}
+
+func (m *migration) shadowIdent() string { return ident(m.plan.Schema, m.plan.Shadow) }
+func (m *migration) deltaIdent() string  { return ident(m.plan.Schema, m.plan.Delta) }
+func (m *migration) stateIdent() string  { return ident(m.plan.Schema, m.plan.State) }
+
+// resume picks up an earlier run's shadow when Options.Continue is set.
+func (m *migration) resume(ctx context.Context) (bool, error) {
+	p, err := loadPlan(ctx, m.pool, m.t.Schema, shadowName(m.t.Name, "__tat_state"))
+	if err != nil {
+		return false, err
+	}
+	if p == nil {
+		var leftover bool
+		_ = m.pool.QueryRow(ctx, "select to_regclass($1) is not null", ident(m.t.Schema, shadowName(m.t.Name, "__tat_new"))).Scan(&leftover)
+		if leftover {
+			return false, fmt.Errorf("%w: %s exists from an earlier run; run cleanup first", ErrBadCommand, shadowName(m.t.Name, "__tat_new"))
+		}
+		return false, nil
+	}
+	if !m.opts.Continue {
+		return false, fmt.Errorf("%w: an earlier run of %q left its shadow table; continue it or run cleanup first", ErrBadCommand, p.Command)
+	}
+	if p.Command != m.cmd.Text || p.TableID != m.t.OID {
+		return false, fmt.Errorf("%w: the earlier run was for %q, not this command", ErrBadCommand, p.Command)
+	}
+	m.plan = p
+	var copied int64
+	_ = m.pool.QueryRow(ctx, "select coalesce(sum(rows), 0)::bigint from "+m.stateIdent()).Scan(&copied)
+	m.rowsCopied.Store(copied)
+	m.event(ctx, PhasePrepare, fmt.Sprintf("continuing the earlier run (%d rows already copied)", copied))
+	return true, nil
+}
+
+// runDirect applies a catalog-only ALTER in place under a short lock_timeout.
+func (m *migration) runDirect(ctx context.Context) error {
+	m.event(ctx, PhasePrepare, "the command needs no table rewrite: running it directly under a short lock")
+	m.setPhase(ctx, PhaseSwitch)
+	return m.withLockRetries(ctx, func(ctx context.Context, tx pgx.Tx) error {
+		_, err := m.exec(ctx, tx, m.cmd.Text)
+		return err
+	}, nil)
+}
+
+// waitForSwitch holds the job in waiting_switch, catching up, until the
+// driver asks for the switch.
+func (m *migration) waitForSwitch(ctx context.Context) error {
+	if !m.opts.ManualSwitch {
+		return nil
+	}
+	m.waiting.Store(true)
+	defer m.waiting.Store(false)
+	m.event(ctx, PhaseCatchup, "waiting for a manual switch")
+	m.report(ctx)
+	for {
+		if m.ctl != nil {
+			ok, err := m.ctl.SwitchRequested(ctx)
+			if err != nil {
+				return err
+			}
+			if ok {
+				return nil
+			}
+		}
+		if _, err := m.applyDelta(ctx, m.pool, int64(m.opts.BatchSize)*10); err != nil {
+			return fmt.Errorf("catchup: %w", err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}
+
+func (m *migration) setPhase(ctx context.Context, phase string) {
+	m.mu.Lock()
+	m.phase = phase
+	m.mu.Unlock()
+	m.rep.Event(ctx, phase, "phase "+phase)
+	m.report(ctx)
+}
+
+func (m *migration) event(ctx context.Context, phase, msg string) { m.rep.Event(ctx, phase, msg) }
+
+func (m *migration) report(ctx context.Context) {
+	m.mu.Lock()
+	phase := m.phase
+	m.mu.Unlock()
+	p := Progress{Phase: phase, RowsCopied: m.rowsCopied.Load(), DeltaBacklog: m.deltaBacklog.Load(),
+		LockAttempts: int(m.lockAttempts.Load()), Waiting: m.waiting.Load()}
+	if m.t != nil {
+		p.Table = m.t.ident()
+		p.RowsTotal = m.t.EstRows
+		if p.RowsCopied > p.RowsTotal {
+			p.RowsTotal = p.RowsCopied
+		}
+	}
+	m.rep.Progress(ctx, p)
+}
+
+// progressLoop reports every second until stopped.
+func (m *migration) progressLoop(ctx context.Context) func() {
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		tick := time.NewTicker(time.Second)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+				m.report(ctx)
+			}
+		}
+	}()
+	return func() { cancel(); <-done }
+}
+
+// execer is what a pool, a connection and a transaction offer.
+type execer interface {
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+}
+
+func (m *migration) exec(ctx context.Context, db execer, sql string, args ...any) (pgconn.CommandTag, error) {
+	if m.opts.ShowQueries != nil {
+		m.opts.ShowQueries(sql)
+	}
+	return db.Exec(ctx, sql, args...)
+}
+
+// q runs a catalog query whose columns are all text.
+func (m *migration) q(ctx context.Context, db execer, sql string, args ...any) ([][]string, error) {
+	rows, err := db.Query(ctx, sql, args...)
+	if err != nil {
+		return nil, fmt.Errorf("catalog query: %w", err)
+	}
+	defer rows.Close()
+	var out [][]string
+	for rows.Next() {
+		vals, err := rows.Values()
+		if err != nil {
+			return nil, err
+		}
+		r := make([]string, len(vals))
+		for i, v := range vals {
+			if v != nil {
+				r[i] = fmt.Sprint(v)
+			}
+		}
+		out = append(out, r)
+	}
+	return out, rows.Err()
+}

@@ -1,0 +1,230 @@
+package replicate
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"unicode/utf8"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// querier is what both a pool and a transaction offer.
+type querier interface {
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// ErrNoKey: delta apply and batched copy need a key.
+var ErrNoKey = errors.New("table has no usable key (a primary key, or a unique index on NOT NULL columns, is required)")
+
+// table is what the engine knows of the original table.
+type table struct {
+	OID          uint32
+	Schema, Name string
+	Owner        string
+	Kind         string // r, p
+	Persistence  string // p, u
+	Tablespace   string // empty: database default
+	AccessMethod string
+	RelOptions   []string
+	ToastOptions []string
+	Columns      []column
+	Key          []string // key column names (original names)
+	KeyTypes     []string
+	EstRows      int64
+}
+
+type column struct {
+	Num       int
+	Name      string
+	Type      string // format_type, schema-qualified when needed
+	Collation string // qualified, empty when the type's default
+	NotNull   bool
+	Default   string
+	Generated string // stored generation expression
+	Identity  string // a (always), d (by default), empty
+	IdentOpts string
+	Storage   string // SET STORAGE value when not the type's default
+	Compress  string
+	StatTgt   int
+	Options   []string
+}
+
+// ident quotes a schema-qualified name.
+func ident(schema, name string) string { return pgx.Identifier{schema, name}.Sanitize() }
+
+func qi(name string) string { return pgx.Identifier{name}.Sanitize() }
+
+func (t *table) ident() string { return ident(t.Schema, t.Name) }
+
+// shadowName derives the name of a helper table: "orders" -> "orders__tat_new".
+// Names at 63 bytes are shortened on a rune boundary, so the suffix always fits.
+func shadowName(name, suffix string) string {
+	return truncName(name, 63-len(suffix)) + suffix
+}
+
+func truncName(s string, max int) string {
+	if len(s) <= max {
+		return s
+	}
+	s = s[:max]
+	for !utf8.ValidString(s) {
+		s = s[:len(s)-1]
+	}
+	return s
+}
+
+// Catalog reads are made with search_path = pg_catalog so that every
+// definition PostgreSQL prints (types, defaults, index and constraint
+// definitions) comes out schema-qualified and can be replayed anywhere.
+const catalogPath = "set local search_path = pg_catalog, pg_temp"
+
+const qTable = `
+select c.oid, n.nspname, c.relname, pg_get_userbyid(c.relowner), c.relkind::text, c.relpersistence::text,
+       coalesce(ts.spcname, ''), coalesce(am.amname, ''),
+       coalesce(c.reloptions, '{}'), coalesce(tc.reloptions, '{}'), greatest(c.reltuples, 0)::bigint
+from pg_class c join pg_namespace n on n.oid = c.relnamespace
+left join pg_tablespace ts on ts.oid = c.reltablespace
+left join pg_am am on am.oid = c.relam
+left join pg_class tc on tc.oid = c.reltoastrelid
+where c.oid = $1`
+
+const qColumns = `
+select a.attnum, a.attname, format_type(a.atttypid, a.atttypmod),
+       case when a.attcollation <> t.typcollation and a.attcollation <> 0
+            then quote_ident(cn.nspname) || '.' || quote_ident(co.collname) else '' end,
+       a.attnotnull,
+       case when a.attgenerated = '' then coalesce(pg_get_expr(d.adbin, d.adrelid), '') else '' end,
+       case when a.attgenerated <> '' then pg_get_expr(d.adbin, d.adrelid) else '' end,
+       a.attidentity::text,
+       coalesce((select format('INCREMENT BY %s START WITH %s CACHE %s %s', s.seqincrement, s.seqstart, s.seqcache,
+                 case when s.seqcycle then 'CYCLE' else 'NO CYCLE' end)
+                 || case when s.seqincrement > 0 and s.seqmin <> 1 then ' MINVALUE ' || s.seqmin else '' end
+                 || case when s.seqmax not in (32767, 2147483647, 9223372036854775807) and s.seqincrement > 0
+                         then ' MAXVALUE ' || s.seqmax else '' end
+                 from pg_sequence s where a.attidentity <> ''
+                  and s.seqrelid = pg_get_serial_sequence(format('%I.%I', $2::text, $3::text), a.attname)::regclass), ''),
+       case when a.attstorage <> t.typstorage then
+            case a.attstorage when 'p' then 'PLAIN' when 'e' then 'EXTERNAL' when 'm' then 'MAIN' else 'EXTENDED' end
+            else '' end,
+       case a.attcompression when 'p' then 'pglz' when 'l' then 'lz4' else '' end,
+       coalesce(a.attstattarget, -1)::int,
+       coalesce(a.attoptions, '{}')
+from pg_attribute a
+join pg_type t on t.oid = a.atttypid
+left join pg_attrdef d on d.adrelid = a.attrelid and d.adnum = a.attnum
+left join pg_collation co on co.oid = a.attcollation
+left join pg_namespace cn on cn.oid = co.collnamespace
+where a.attrelid = $1 and a.attnum > 0 and not a.attisdropped
+order by a.attnum`
+
+// qKey picks the key for copy ranges and delta apply: the primary key, else
+// the narrowest valid, non-partial, non-expression unique index on NOT NULL columns.
+const qKey = `
+select array_agg(a.attname order by k.ord), array_agg(format_type(a.atttypid, a.atttypmod) order by k.ord)
+from (
+  select i.indexrelid, i.indkey
+  from pg_index i
+  where i.indrelid = $1 and i.indisunique and i.indisvalid and i.indimmediate
+    and i.indpred is null and i.indexprs is null
+    and not exists (select 1 from unnest(i.indkey) k(n) join pg_attribute a
+                    on a.attrelid = i.indrelid and a.attnum = k.n where not a.attnotnull)
+  order by i.indisprimary desc, i.indnatts, i.indexrelid
+  limit 1) i,
+  unnest(i.indkey[0:(select indnkeyatts from pg_index where indexrelid = i.indexrelid) - 1]) with ordinality k(n, ord)
+  join pg_attribute a on a.attrelid = $1 and a.attnum = k.n
+group by i.indexrelid`
+
+// loadTable reads the table's definition. rel is a quoted, possibly
+// schema-qualified name resolved with the session's search_path.
+func loadTable(ctx context.Context, conn pgx.Tx, schema, name string) (*table, error) {
+	var oid uint32
+	var rel string
+	if schema != "" {
+		rel = ident(schema, name)
+	} else {
+		rel = qi(name)
+	}
+	if err := conn.QueryRow(ctx, "select coalesce(to_regclass($1)::oid, 0)", rel).Scan(&oid); err != nil {
+		return nil, fmt.Errorf("resolve table %s: %w", rel, err)
+	}
+	if oid == 0 {
+		return nil, fmt.Errorf("table %s does not exist", rel)
+	}
+	if _, err := conn.Exec(ctx, catalogPath); err != nil {
+		return nil, err
+	}
+	t := &table{}
+	err := conn.QueryRow(ctx, qTable, oid).Scan(&t.OID, &t.Schema, &t.Name, &t.Owner, &t.Kind, &t.Persistence,
+		&t.Tablespace, &t.AccessMethod, &t.RelOptions, &t.ToastOptions, &t.EstRows)
+	if err != nil {
+		return nil, fmt.Errorf("read table %s: %w", rel, err)
+	}
+	if t.Kind != "r" {
+		return nil, fmt.Errorf("%s is not a plain table (relkind %s); partitioned tables are not supported yet", rel, t.Kind)
+	}
+	rows, err := conn.Query(ctx, qColumns, oid, t.Schema, t.Name)
+	if err != nil {
+		return nil, fmt.Errorf("read columns of %s: %w", rel, err)
+	}
+	for rows.Next() {
+		var c column
+		if err := rows.Scan(&c.Num, &c.Name, &c.Type, &c.Collation, &c.NotNull, &c.Default, &c.Generated,
+			&c.Identity, &c.IdentOpts, &c.Storage, &c.Compress, &c.StatTgt, &c.Options); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("read columns of %s: %w", rel, err)
+		}
+		t.Columns = append(t.Columns, c)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("read columns of %s: %w", rel, err)
+	}
+	err = conn.QueryRow(ctx, qKey, oid).Scan(&t.Key, &t.KeyTypes)
+	if errors.Is(err, pgx.ErrNoRows) || len(t.Key) == 0 {
+		return nil, fmt.Errorf("%s: %w", rel, ErrNoKey)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("find key of %s: %w", rel, err)
+	}
+	if _, err := conn.Exec(ctx, "reset search_path"); err != nil {
+		return nil, err
+	}
+	return t, nil
+}
+
+// columnDDL renders one column for CREATE TABLE.
+func columnDDL(c column) string {
+	var b strings.Builder
+	b.WriteString(qi(c.Name))
+	b.WriteString(" ")
+	b.WriteString(c.Type)
+	if c.Collation != "" {
+		b.WriteString(" COLLATE " + c.Collation)
+	}
+	switch {
+	case c.Generated != "":
+		b.WriteString(" GENERATED ALWAYS AS (" + c.Generated + ") STORED")
+	case c.Identity == "a":
+		b.WriteString(" GENERATED ALWAYS AS IDENTITY (" + c.IdentOpts + ")")
+	case c.Identity == "d":
+		b.WriteString(" GENERATED BY DEFAULT AS IDENTITY (" + c.IdentOpts + ")")
+	case c.Default != "":
+		b.WriteString(" DEFAULT " + c.Default)
+	}
+	if c.NotNull {
+		b.WriteString(" NOT NULL")
+	}
+	return b.String()
+}
+
+func keyList(cols []string, prefix string) string {
+	parts := make([]string, len(cols))
+	for i, c := range cols {
+		parts[i] = prefix + qi(c)
+	}
+	return strings.Join(parts, ", ")
+}
