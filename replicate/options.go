@@ -32,6 +32,7 @@ type Options struct {
 	MaintenanceWorkMem            string
 	MaxParallelMaintenanceWorkers int  // -1 keeps the server's
 	ManualSwitch                  bool // stop in waiting_switch until Control says switch
+	StopBeforeSwitch              bool // return after the catch-up, leaving the capture running (--no-switch-table)
 	SkipFKValidation              bool
 	MaxLockAttempts               int           // 0 = unlimited
 	CatchupTimeout                time.Duration // give up when the backlog never drops below MinDeltaRows

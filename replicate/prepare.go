@@ -42,13 +42,13 @@ type plan struct {
 
 // shadowIndex is one index of the shadow, captured after the ALTER ran on it.
 type shadowIndex struct {
-	Name       string `json:"name"`        // name on the shadow
-	Final      string `json:"final"`       // name after the switch
-	CreateSQL  string `json:"create_sql"`  // CREATE INDEX on the shadow
-	Constraint string `json:"constraint"`  // ALTER TABLE ... ADD CONSTRAINT, empty for plain indexes
-	Exclusion  bool   `json:"exclusion"`   // built by the constraint itself
-	Clustered  bool   `json:"clustered"`   // CLUSTER ON mark
-	OrigName   string `json:"orig_name"`   // name on the original, empty when the ALTER added it
+	Name       string `json:"name"`       // name on the shadow
+	Final      string `json:"final"`      // name after the switch
+	CreateSQL  string `json:"create_sql"` // CREATE INDEX on the shadow
+	Constraint string `json:"constraint"` // ALTER TABLE ... ADD CONSTRAINT, empty for plain indexes
+	Exclusion  bool   `json:"exclusion"`  // built by the constraint itself
+	Clustered  bool   `json:"clustered"`  // CLUSTER ON mark
+	OrigName   string `json:"orig_name"`  // name on the original, empty when the ALTER added it
 	IsKeyIndex bool   `json:"is_key"`
 }
 

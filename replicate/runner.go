@@ -104,6 +104,10 @@ func (m *migration) run(ctx context.Context) error {
 	if err := m.catchup(ctx); err != nil {
 		return fmt.Errorf("catchup: %w", err)
 	}
+	if m.opts.StopBeforeSwitch {
+		m.event(ctx, PhaseCatchup, "stopped before the switch as asked; continue the run to switch")
+		return nil
+	}
 	if err := m.waitForSwitch(ctx); err != nil {
 		return err
 	}

@@ -1,0 +1,46 @@
+# pg_tat — online ALTER TABLE for PostgreSQL.
+SHELL := /bin/bash
+export PATH := $(PATH):/usr/local/go/bin
+GO ?= go
+PG_BIN ?= $(lastword $(sort $(wildcard /usr/lib/postgresql/*/bin)))
+TEST_TIMEOUT ?= 30m
+
+.PHONY: all build test test-short lint demo bench deps clean
+
+all: build
+
+build:
+	$(GO) build -o bin/ ./cmd/...
+
+# deps installs what the tests need on a Debian machine: the PostgreSQL server
+# binaries (the tests start their own throwaway clusters with them).
+deps:
+	@if [ -z "$$TAT_TEST_DATABASE_URL" ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ -z "$$PG_BIN" ]; then \
+		echo "installing Debian's postgresql package (server binaries for the test clusters)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	fi
+
+# test runs every test with the race detector against real PostgreSQL:
+# throwaway clusters (wal_level=logical), or TAT_TEST_DATABASE_URL if set.
+test: deps
+	$(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) ./...
+
+test-short: deps
+	$(GO) test -count=1 -short ./...
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+# demo starts a throwaway PostgreSQL, installs schema tat, starts tatd and
+# prints the psql line; Ctrl-C stops everything.
+demo: deps build
+	$(GO) run ./internal/demo
+
+# bench measures the online rewrite against a plain blocking ALTER TABLE on
+# identical tables in the same run and writes bench/results/REPORT.md.
+bench: deps
+	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 60m ./bench/
+
+clean:
+	rm -rf bin

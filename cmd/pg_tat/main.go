@@ -1,0 +1,247 @@
+// Command pg_tat runs one online ALTER TABLE from the command line, with the
+// flags of the original pg_tat, on the same engine as the tatd sidecar.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	pgtat "github.com/pgtat/pg_tat"
+	"github.com/pgtat/pg_tat/replicate"
+)
+
+const usage = `usage: pg_tat [--help] [-c COMMAND] [-h HOST] [-d DBNAME] [-U USER] [-W PASSWORD] [-p PORT] [--work-mem WORK_MEM] [--maintenance-work-mem MAINTENANCE_WORK_MEM]
+              [--max-parallel-maintenance-workers MAX_PARALLEL_MAINTENANCE_WORKERS] [--copy-data-jobs COPY_DATA_JOBS] [--create-index-jobs CREATE_INDEX_JOBS] [--cleanup] [--continue-create-indexes]
+              [--no-switch-table] [--continue-switch-table] [--lock-timeout LOCK_TIMEOUT] [--time-between-locks TIME_BETWEEN_LOCKS] [--min-delta-rows MIN_DELTA_ROWS] [--skip-fk-validation]
+              [--show-queries] [--batch-size BATCH_SIZE] [--capture {trigger,logical}] [--install]
+
+PostgreSQL tool for alter table without locks.
+
+options:
+ --help                show this help message and exit
+ -c COMMAND, --command COMMAND
+                       alter table ...
+ -h HOST, --host HOST
+ -d DBNAME, --dbname DBNAME
+ -U USER, --user USER
+ -W PASSWORD, --password PASSWORD
+ -p PORT, --port PORT
+ --work-mem WORK_MEM
+ --maintenance-work-mem MAINTENANCE_WORK_MEM
+ --max-parallel-maintenance-workers MAX_PARALLEL_MAINTENANCE_WORKERS
+ --copy-data-jobs COPY_DATA_JOBS          (default 1)
+ --create-index-jobs CREATE_INDEX_JOBS    (default 2)
+ --cleanup             drop the leftovers of a failed run on the table of -c
+ --continue-create-indexes
+                       continue an interrupted run (copy and index builds resume)
+ --no-switch-table     stop after the catch-up, before the switch
+ --continue-switch-table
+                       continue a run stopped by --no-switch-table and switch
+ --lock-timeout LOCK_TIMEOUT              first lock attempt (default 200ms; bare numbers are seconds)
+ --time-between-locks TIME_BETWEEN_LOCKS  pause between lock attempts (default 2s)
+ --min-delta-rows MIN_DELTA_ROWS          switch when the backlog is below this (default 1000)
+ --skip-fk-validation
+ --show-queries        print every SQL statement
+ --batch-size BATCH_SIZE                  rows per copy batch (default 10000)
+ --capture CAPTURE     trigger (default) or logical
+ --install             install or upgrade schema tat (for the tatd sidecar) and exit
+`
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+type cli struct {
+	command, host, dbname, user, password, port string
+	workMem, maintenanceWorkMem                 string
+	maxParallel, copyJobs, indexJobs, batch     int
+	cleanup, continueIdx, noSwitch, contSwitch  bool
+	lockTimeout, betweenLocks                   string
+	minDelta                                    int64
+	skipFK, showQueries, help, install          bool
+	capture                                     string
+}
+
+func parse(args []string, stderr io.Writer) (*cli, error) {
+	c := &cli{}
+	d := replicate.DefaultOptions()
+	fs := flag.NewFlagSet("pg_tat", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	str := func(p *string, def string, names ...string) {
+		for _, n := range names {
+			fs.StringVar(p, n, def, "")
+		}
+	}
+	str(&c.command, "", "c", "command")
+	str(&c.host, "", "h", "host")
+	str(&c.dbname, "", "d", "dbname")
+	str(&c.user, "", "U", "user")
+	str(&c.password, "", "W", "password")
+	str(&c.port, "", "p", "port")
+	str(&c.workMem, "", "work-mem")
+	str(&c.maintenanceWorkMem, "", "maintenance-work-mem")
+	fs.IntVar(&c.maxParallel, "max-parallel-maintenance-workers", -1, "")
+	fs.IntVar(&c.copyJobs, "copy-data-jobs", d.CopyDataJobs, "")
+	fs.IntVar(&c.indexJobs, "create-index-jobs", d.CreateIndexJobs, "")
+	fs.BoolVar(&c.cleanup, "cleanup", false, "")
+	fs.BoolVar(&c.continueIdx, "continue-create-indexes", false, "")
+	fs.BoolVar(&c.noSwitch, "no-switch-table", false, "")
+	fs.BoolVar(&c.contSwitch, "continue-switch-table", false, "")
+	str(&c.lockTimeout, d.LockTimeout.String(), "lock-timeout")
+	str(&c.betweenLocks, d.TimeBetweenLocks.String(), "time-between-locks")
+	fs.Int64Var(&c.minDelta, "min-delta-rows", d.MinDeltaRows, "")
+	fs.BoolVar(&c.skipFK, "skip-fk-validation", false, "")
+	fs.BoolVar(&c.showQueries, "show-queries", false, "")
+	fs.IntVar(&c.batch, "batch-size", d.BatchSize, "")
+	fs.BoolVar(&c.help, "help", false, "")
+	fs.BoolVar(&c.install, "install", false, "")
+	str(&c.capture, d.Capture, "capture")
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	return c, nil
+}
+
+// options turns the flags into engine options.
+func (c *cli) options() (replicate.Options, error) {
+	o := replicate.DefaultOptions()
+	o.Command = c.command
+	o.Capture = c.capture
+	o.CopyDataJobs, o.CreateIndexJobs, o.BatchSize = c.copyJobs, c.indexJobs, c.batch
+	o.MinDeltaRows = c.minDelta
+	o.WorkMem, o.MaintenanceWorkMem = c.workMem, c.maintenanceWorkMem
+	o.MaxParallelMaintenanceWorkers = c.maxParallel
+	o.SkipFKValidation = c.skipFK
+	o.Continue = c.continueIdx || c.contSwitch
+	o.StopBeforeSwitch = c.noSwitch
+	var err error
+	if o.LockTimeout, err = parseDuration(c.lockTimeout); err != nil {
+		return o, fmt.Errorf("--lock-timeout: %w", err)
+	}
+	if o.TimeBetweenLocks, err = parseDuration(c.betweenLocks); err != nil {
+		return o, fmt.Errorf("--time-between-locks: %w", err)
+	}
+	return o, o.Validate()
+}
+
+// parseDuration accepts Go and PostgreSQL spellings ("200ms", "5s", "1min");
+// a bare number is seconds, as in the original tool.
+func parseDuration(s string) (time.Duration, error) {
+	s = strings.TrimSpace(s)
+	if f, err := strconv.ParseFloat(s, 64); err == nil {
+		return time.Duration(f * float64(time.Second)), nil
+	}
+	s = strings.Replace(strings.Replace(s, "min", "m", 1), " ", "", -1)
+	return time.ParseDuration(s)
+}
+
+// dsn builds a keyword/value connection string; unset parts fall back to
+// the PG* environment variables and libpq defaults, as with psql.
+func (c *cli) dsn() string {
+	var parts []string
+	add := func(k, v string) {
+		if v != "" {
+			v = strings.ReplaceAll(strings.ReplaceAll(v, `\`, `\\`), `'`, `\'`)
+			parts = append(parts, k+"='"+v+"'")
+		}
+	}
+	add("host", c.host)
+	add("port", c.port)
+	add("dbname", c.dbname)
+	add("user", c.user)
+	add("password", c.password)
+	add("application_name", "pg_tat")
+	return strings.Join(parts, " ")
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	c, err := parse(args, stderr)
+	if err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fmt.Fprint(stdout, usage)
+			return 0
+		}
+		fmt.Fprintf(stderr, "pg_tat: %v\n%s", err, usage)
+		return 2
+	}
+	if c.help {
+		fmt.Fprint(stdout, usage)
+		return 0
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	cfg, err := pgxpool.ParseConfig(c.dsn())
+	if err != nil {
+		fmt.Fprintf(stderr, "pg_tat: connection: %v\n", err)
+		return 2
+	}
+	cfg.MaxConns = int32(c.copyJobs + c.indexJobs + 3)
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		fmt.Fprintf(stderr, "pg_tat: connect: %v\n", err)
+		return 1
+	}
+	defer pool.Close()
+	if c.install {
+		if _, err := pool.Exec(ctx, pgtat.InstallSQL); err != nil {
+			fmt.Fprintf(stderr, "pg_tat: install: %v\n", err)
+			return 1
+		}
+		fmt.Fprintln(stdout, "schema tat installed")
+		return 0
+	}
+	if c.command == "" {
+		fmt.Fprintf(stderr, "pg_tat: -c COMMAND is required\n%s", usage)
+		return 2
+	}
+	if c.cleanup {
+		cmd, err := replicate.ParseCommand(c.command)
+		if err != nil {
+			fmt.Fprintf(stderr, "pg_tat: %v\n", err)
+			return 2
+		}
+		tbl := cmd.Table
+		if cmd.Schema != "" {
+			tbl = cmd.Schema + "." + tbl
+		}
+		if err := replicate.Cleanup(ctx, pool, quoteRel(cmd.Schema, cmd.Table)); err != nil {
+			fmt.Fprintf(stderr, "pg_tat: %v\n", err)
+			return 1
+		}
+		fmt.Fprintf(stdout, "cleaned up leftovers of %s\n", tbl)
+		return 0
+	}
+	o, err := c.options()
+	if err != nil {
+		fmt.Fprintf(stderr, "pg_tat: %v\n", err)
+		return 2
+	}
+	if c.showQueries {
+		o.ShowQueries = func(sql string) { fmt.Fprintf(stderr, "%s;\n", sql) }
+	}
+	prog := newProgress(stdout)
+	err = replicate.Run(ctx, pool, o, prog, nil)
+	prog.finish()
+	if err != nil {
+		fmt.Fprintf(stderr, "pg_tat: %v\n", err)
+		if errors.Is(err, replicate.ErrBadCommand) {
+			return 2
+		}
+		return 1
+	}
+	return 0
+}
