@@ -70,7 +70,9 @@ func TestSwapKeepsEverything(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
 	e.exec(richSchema)
-	t.Cleanup(func() { e.pool.Exec(t.Context(), "drop owned by tat_reader, tat_writer cascade; drop role tat_reader; drop role tat_writer") })
+	t.Cleanup(func() {
+		e.pool.Exec(t.Context(), "drop owned by tat_reader, tat_writer cascade; drop role tat_reader; drop role tat_writer")
+	})
 	before := e.dump(t)
 	seqBefore := e.str("select last_value from orders_id_seq")
 	codeBefore := e.str("select max(code) from orders")
