@@ -196,6 +196,9 @@ SELECT count(*) OVER (), ARRAY[%s] FROM src ORDER BY %s LIMIT 1`,
 		}
 		args = append(args, m.opts.BatchSize)
 		sql := build(lo != nil, withHi)
+		if m.opts.ShowQueries != nil {
+			m.opts.ShowQueries(sql)
+		}
 		var count int64
 		var last []string
 		err := pgx.BeginFunc(ctx, m.pool, func(tx pgx.Tx) error {

@@ -227,7 +227,7 @@ func (m *migration) prepare(ctx context.Context) error {
 		return err
 	} else if sql != "" {
 		if _, err := m.exec(ctx, tx, sql); err != nil {
-			return fmt.Errorf("apply the command to the shadow: %w", err)
+			return fmt.Errorf("%w: the command fails on a copy of %s: %v", ErrBadCommand, t.ident(), err)
 		}
 	}
 

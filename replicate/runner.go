@@ -29,6 +29,7 @@ type migration struct {
 	plan *plan
 
 	validations []string // VALIDATE CONSTRAINT statements left by the switch
+	swapped     bool
 
 	mu           sync.Mutex
 	phase        string
@@ -71,14 +72,26 @@ func (m *migration) run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	err = m.phases(ctx, resumed)
+	if err != nil && ctx.Err() == nil && m.plan != nil && !m.swapped {
+		// A failure (not an interruption) ends the run: nothing of it may
+		// stay behind, least of all the capture trigger filling the delta.
+		// An interrupted run (crash, Ctrl-C, shutdown) keeps its state for
+		// a continued run.
+		if cerr := m.dropShadow(context.WithoutCancel(ctx)); cerr != nil {
+			m.event(ctx, m.currentPhase(), "cleanup after failure: "+cerr.Error())
+		}
+	}
+	return err
+}
+
+func (m *migration) phases(ctx context.Context, resumed bool) error {
 	if !resumed {
 		if err := m.prepare(ctx); err != nil {
-			_ = m.dropShadow(context.WithoutCancel(ctx))
 			return fmt.Errorf("prepare: %w", err)
 		}
 		m.setPhase(ctx, PhaseCapture)
 		if err := m.installTrigger(ctx); err != nil {
-			_ = m.dropShadow(context.WithoutCancel(ctx))
 			return fmt.Errorf("capture: %w", err)
 		}
 		if err := m.planRanges(ctx); err != nil {
@@ -115,6 +128,7 @@ func (m *migration) run(ctx context.Context) error {
 	if err := m.cutover(ctx); err != nil {
 		return fmt.Errorf("switch: %w", err)
 	}
+	m.swapped = true
 	m.setPhase(ctx, PhaseValidate)
 	if err := m.validate(ctx); err != nil {
 		return fmt.Errorf("validate: %w", err)

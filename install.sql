@@ -1,0 +1,901 @@
+-- pg_tat: online ALTER TABLE driven from SQL.
+--
+-- install.sql creates or upgrades schema tat. It is idempotent: running it a
+-- second time changes nothing, and a later version upgrades an earlier one in
+-- place (create ... if not exists, add column if not exists, create or
+-- replace). Run it as the role tatd connects as (that role owns schema tat and
+-- runs the migrations); `tatd --install` does the same.
+--
+-- ============================================================================
+-- PRIVILEGES
+-- ============================================================================
+-- To queue migrations a role needs nothing but
+--     grant usage on schema tat to app;            -- (granted to PUBLIC below)
+--     grant execute on function tat.alter(...) to app;  -- (granted to PUBLIC)
+-- and, like ALTER TABLE itself, it must own the table (be a member of the
+-- owning role; superusers pass). The check is made for the caller's current
+-- role, also after SET ROLE: tat.alter is SECURITY INVOKER and a BEFORE INSERT
+-- trigger that is *not* SECURITY DEFINER stamps current_user into
+-- tat.migrations.requested_by, a column the caller cannot write.
+--
+-- How that works without granting the table to everyone:
+--   * PUBLIC has column-level INSERT on tat.migrations(command, options) only;
+--     every other column is set by the BEFORE INSERT trigger, which validates
+--     the command and the options, so a direct INSERT is checked exactly like
+--     a call of tat.alter.
+--   * PUBLIC has SELECT on tat.migrations under row level security: a role
+--     sees the jobs it (or a role it is a member of) requested and the jobs on
+--     tables it owns. Seeing a job is what allows controlling it (cancel,
+--     pause, resume, switch, wait).
+--   * Control functions are SECURITY INVOKER too; they insert a row into
+--     tat.requests (an audit log of who asked for what). Its BEFORE INSERT
+--     trigger (invoker rights) stamps requested_by = current_user and checks
+--     the caller may see the job; its AFTER INSERT trigger is SECURITY DEFINER
+--     (owned by the installer, search_path pinned) and applies the request to
+--     tat.migrations, records an event and notifies tatd.
+--   * Things a caller cannot read (is another job active on this table? what
+--     is the notify channel?) are answered by small SECURITY DEFINER helpers
+--     with `set search_path = pg_catalog, pg_temp`.
+--   * Everything else is revoked from PUBLIC. A monitoring role can be given
+--     just `grant usage on schema tat, select on tat.status to monitor;`
+--     (the view runs as its owner, so it shows every job); tat.events and
+--     tat.errors can be granted the same way.
+--
+-- NOTIFY CHANNEL
+-- tatd listens on TAT_CHANNEL (default 'tat'). The triggers notify on the
+-- channel stored in tat.settings, key 'channel' (default 'tat'). To use
+-- another channel:
+--     insert into tat.settings values ('channel', 'mychannel')
+--       on conflict (key) do update set value = excluded.value;
+-- and start tatd with TAT_CHANNEL=mychannel. Payloads: '<id>' (new or resumed
+-- job), 'cancel:<id>', 'pause:<id>', 'resume:<id>', 'switch:<id>',
+-- 'cleanup:<request id>'.
+--
+-- REFUSALS (SQLSTATE)
+--   22023 invalid_parameter_value      empty/NULL command, bad option value
+--   42601 syntax_error                 more than one statement, unterminated
+--                                      quote/comment, unparsable table name
+--   0A000 feature_not_supported        not an ALTER TABLE (e.g. DROP TABLE),
+--                                      temporary tables, system schemas
+--   42P01 undefined_table              the table does not exist
+--   42809 wrong_object_type            not a plain or partitioned table
+--   42501 insufficient_privilege       the caller does not own the table
+--   55006 object_in_use                a migration on the table is active
+--   55000 object_not_in_prerequisite_state  control call in the wrong state
+--   P0002 no_data_found                unknown (or invisible) job id
+--   57014 query_canceled               tat.wait timed out
+--   P0001 raise_exception              tat.wait: the job failed / was cancelled
+-- ============================================================================
+
+create schema if not exists tat;
+comment on schema tat is 'pg_tat: online ALTER TABLE (see tat.alter, tat.status)';
+revoke all on schema tat from public;
+grant usage on schema tat to public;
+
+-- ---------------------------------------------------------------------------
+-- settings
+-- ---------------------------------------------------------------------------
+create table if not exists tat.settings (
+    key   text primary key,
+    value text not null
+);
+insert into tat.settings (key, value) values ('channel', 'tat') on conflict (key) do nothing;
+revoke all on tat.settings from public;
+
+-- ---------------------------------------------------------------------------
+-- migrations
+-- ---------------------------------------------------------------------------
+create table if not exists tat.migrations (
+    id bigint generated always as identity primary key
+);
+alter table tat.migrations add column if not exists command          text;
+alter table tat.migrations add column if not exists table_name       text;
+alter table tat.migrations add column if not exists table_oid        oid;
+alter table tat.migrations add column if not exists options          jsonb not null default '{}';
+alter table tat.migrations add column if not exists capture          text;
+alter table tat.migrations add column if not exists state            text not null default 'queued';
+alter table tat.migrations add column if not exists phase            text;
+alter table tat.migrations add column if not exists requested_by     name;
+alter table tat.migrations add column if not exists switch_requested boolean not null default false;
+alter table tat.migrations add column if not exists cancel_requested boolean not null default false;
+alter table tat.migrations add column if not exists pause_requested  boolean not null default false;
+alter table tat.migrations add column if not exists rows_copied      bigint not null default 0;
+alter table tat.migrations add column if not exists rows_total       bigint;
+alter table tat.migrations add column if not exists delta_backlog    bigint;
+alter table tat.migrations add column if not exists lock_attempts    int not null default 0;
+alter table tat.migrations add column if not exists runner           text;
+alter table tat.migrations add column if not exists attempts         int not null default 0;
+alter table tat.migrations add column if not exists created_at       timestamptz not null default now();
+alter table tat.migrations add column if not exists started_at       timestamptz;
+alter table tat.migrations add column if not exists updated_at       timestamptz;
+alter table tat.migrations add column if not exists finished_at      timestamptz;
+alter table tat.migrations add column if not exists error            text;
+alter table tat.migrations add column if not exists error_phase      text;
+
+do $$
+begin
+    if not exists (select from pg_constraint
+                   where conrelid = 'tat.migrations'::regclass and conname = 'migrations_state_check') then
+        alter table tat.migrations add constraint migrations_state_check
+            check (state in ('queued', 'running', 'paused', 'waiting_switch', 'done', 'failed', 'cancelled'));
+    end if;
+    if not exists (select from pg_constraint
+                   where conrelid = 'tat.migrations'::regclass and conname = 'migrations_command_check') then
+        alter table tat.migrations add constraint migrations_command_check check (command is not null);
+    end if;
+end
+$$;
+
+-- At most one active migration per table (backs the 55006 check of the trigger
+-- against concurrent callers).
+create unique index if not exists migrations_one_active_per_table
+    on tat.migrations (table_oid)
+    where state in ('queued', 'running', 'paused', 'waiting_switch');
+create index if not exists migrations_pending on tat.migrations (id)
+    where state in ('queued', 'running', 'waiting_switch');
+
+comment on table tat.migrations is 'pg_tat jobs: one row per tat.alter call';
+
+-- ---------------------------------------------------------------------------
+-- events: the timeline of each job
+-- ---------------------------------------------------------------------------
+create table if not exists tat.events (
+    id bigint generated always as identity primary key
+);
+alter table tat.events add column if not exists job     bigint;
+alter table tat.events add column if not exists at      timestamptz not null default clock_timestamp();
+alter table tat.events add column if not exists phase   text;
+alter table tat.events add column if not exists message text;
+create index if not exists events_job on tat.events (job, id);
+comment on table tat.events is 'pg_tat timeline: phase changes, lock retries, control requests, errors';
+
+-- ---------------------------------------------------------------------------
+-- requests: control calls (cancel, pause, resume, switch, cleanup)
+-- ---------------------------------------------------------------------------
+create table if not exists tat.requests (
+    id bigint generated always as identity primary key
+);
+alter table tat.requests add column if not exists action       text;
+alter table tat.requests add column if not exists job          bigint;
+alter table tat.requests add column if not exists table_oid    oid;
+alter table tat.requests add column if not exists table_name   text;
+alter table tat.requests add column if not exists requested_by name;
+alter table tat.requests add column if not exists at           timestamptz not null default now();
+alter table tat.requests add column if not exists state        text not null default 'done';
+alter table tat.requests add column if not exists runner       text;
+alter table tat.requests add column if not exists finished_at  timestamptz;
+alter table tat.requests add column if not exists error        text;
+do $$
+begin
+    if not exists (select from pg_constraint
+                   where conrelid = 'tat.requests'::regclass and conname = 'requests_action_check') then
+        alter table tat.requests add constraint requests_action_check
+            check (action in ('cancel', 'pause', 'resume', 'switch', 'cleanup'));
+    end if;
+    if not exists (select from pg_constraint
+                   where conrelid = 'tat.requests'::regclass and conname = 'requests_state_check') then
+        alter table tat.requests add constraint requests_state_check
+            check (state in ('queued', 'running', 'done', 'failed'));
+    end if;
+end
+$$;
+create index if not exists requests_queued on tat.requests (id) where state in ('queued', 'running');
+comment on table tat.requests is 'pg_tat control requests (audit log); cleanup requests are run by tatd';
+
+-- ---------------------------------------------------------------------------
+-- helpers
+-- ---------------------------------------------------------------------------
+
+-- The channel the triggers notify on.
+create or replace function tat._channel() returns text
+language sql stable security definer set search_path = pg_catalog, pg_temp
+as $$ select coalesce((select value from tat.settings where key = 'channel'), 'tat') $$;
+
+create or replace function tat._notify(payload text) returns void
+language sql volatile security definer set search_path = pg_catalog, pg_temp
+as $$ select pg_notify(tat._channel(), payload) $$;
+
+-- May role `who` see/control a job requested by `requester` on table `tbl`?
+-- Members of the requesting role, and members of the table's owner (which
+-- includes superusers). Used by the row level security policy (who =
+-- current_user) and by the definer triggers (who = the stamped requester).
+create or replace function tat._may_control(who name, requester name, tbl oid) returns boolean
+language sql stable security invoker set search_path = pg_catalog, pg_temp
+as $$
+    select exists (select from pg_roles w where w.rolname = who and w.rolsuper)
+        or exists (select from pg_roles r, pg_roles w
+                   where r.rolname = requester and w.rolname = who
+                     and pg_has_role(w.oid, r.oid, 'MEMBER'))
+        or exists (select from pg_class c, pg_roles w
+                   where c.oid = tbl and w.rolname = who
+                     and pg_has_role(w.oid, c.relowner, 'MEMBER'))
+$$;
+
+-- The active migration on a table, if any (the caller cannot read other
+-- roles' jobs, so this runs as the owner of schema tat).
+create or replace function tat._active_job(tbl oid, out id bigint, out state text)
+language sql stable security definer set search_path = pg_catalog, pg_temp
+as $$
+    select m.id, m.state from tat.migrations m
+    where m.table_oid = tbl and m.state in ('queued', 'running', 'paused', 'waiting_switch')
+    order by m.id limit 1
+$$;
+
+-- Returns cmd without its trailing ';' (and what follows it: blanks and
+-- comments); raises 42601 when another statement follows. Understands
+-- 'strings' (with '' and E'\'' escapes), "identifiers", $tag$ dollar quotes $tag$,
+-- -- line comments and nested /* block comments */.
+create or replace function tat._single_statement(cmd text) returns text
+language plpgsql immutable set search_path = pg_catalog, pg_temp
+as $$
+declare
+    n     int := length(cmd);
+    i     int := 1;
+    c     text;
+    nxt   text;
+    semi  int := 0;
+    esc   boolean;
+    depth int;
+    tag   text;
+    p     int;
+begin
+    while i <= n loop
+        c := substr(cmd, i, 1);
+        nxt := substr(cmd, i + 1, 1);
+        if semi > 0 and c !~ '^\s$' and c <> ';'
+           and not (c = '-' and nxt = '-') and not (c = '/' and nxt = '*') then
+            raise exception using errcode = '42601',
+                message = 'tat.alter takes exactly one statement',
+                detail = format('More text follows the ";" at position %s.', semi);
+        end if;
+        if c = '''' then
+            esc := i > 1 and lower(substr(cmd, i - 1, 1)) = 'e'
+                   and (i = 2 or substr(cmd, i - 2, 1) !~ '^[[:alnum:]_$]$');
+            i := i + 1;
+            loop
+                if i > n then
+                    raise exception using errcode = '42601', message = 'unterminated quoted string in command';
+                end if;
+                c := substr(cmd, i, 1);
+                if esc and c = '\' then
+                    i := i + 2;
+                elsif c = '''' and substr(cmd, i + 1, 1) = '''' then
+                    i := i + 2;
+                elsif c = '''' then
+                    exit;
+                else
+                    i := i + 1;
+                end if;
+            end loop;
+            i := i + 1;
+        elsif c = '"' then
+            i := i + 1;
+            loop
+                if i > n then
+                    raise exception using errcode = '42601', message = 'unterminated quoted identifier in command';
+                end if;
+                c := substr(cmd, i, 1);
+                if c = '"' and substr(cmd, i + 1, 1) = '"' then
+                    i := i + 2;
+                elsif c = '"' then
+                    exit;
+                else
+                    i := i + 1;
+                end if;
+            end loop;
+            i := i + 1;
+        elsif c = '-' and nxt = '-' then
+            p := strpos(substr(cmd, i), E'\n');
+            i := case when p = 0 then n + 1 else i + p end;
+        elsif c = '/' and nxt = '*' then
+            depth := 1;
+            i := i + 2;
+            while depth > 0 loop
+                if i > n then
+                    raise exception using errcode = '42601', message = 'unterminated /* comment in command';
+                end if;
+                if substr(cmd, i, 2) = '/*' then
+                    depth := depth + 1;
+                    i := i + 2;
+                elsif substr(cmd, i, 2) = '*/' then
+                    depth := depth - 1;
+                    i := i + 2;
+                else
+                    i := i + 1;
+                end if;
+            end loop;
+        elsif c = '$' and (i = 1 or substr(cmd, i - 1, 1) !~ '^[[:alnum:]_$]$')
+              and substr(cmd, i) ~ '^\$([[:alpha:]_][[:alnum:]_]*)?\$' then
+            tag := substring(substr(cmd, i) from '^\$(?:[[:alpha:]_][[:alnum:]_]*)?\$');
+            p := strpos(substr(cmd, i + length(tag)), tag);
+            if p = 0 then
+                raise exception using errcode = '42601', message = 'unterminated dollar-quoted string in command';
+            end if;
+            i := i + length(tag) + p - 1 + length(tag);
+        else
+            if c = ';' and semi = 0 then
+                semi := i;
+            end if;
+            i := i + 1;
+        end if;
+    end loop;
+    if semi > 0 then
+        return rtrim(substr(cmd, 1, semi - 1), E' \t\r\n\f');
+    end if;
+    return rtrim(cmd, E' \t\r\n\f');
+end
+$$;
+
+-- Resolves the table an ALTER TABLE command works on. Raises 0A000 when the
+-- command is not an ALTER TABLE, 42601 when the name cannot be parsed, 42P01
+-- when the table does not exist.
+-- Not search_path-pinned: the name resolves with the caller's search_path.
+create or replace function tat._command_table(cmd text) returns regclass
+language plpgsql stable
+as $$
+declare
+    s     text := cmd;
+    p     int;
+    m     text[];
+    parts text[];
+    qname text;
+    rel   regclass;
+begin
+    -- skip leading blanks and comments
+    loop
+        s := ltrim(s, E' \t\r\n\f');
+        if left(s, 2) = '--' then
+            p := strpos(s, E'\n');
+            s := case when p = 0 then '' else substr(s, p + 1) end;
+        elsif left(s, 2) = '/*' then
+            p := strpos(s, '*/');
+            s := case when p = 0 then '' else substr(s, p + 2) end;
+        else
+            exit;
+        end if;
+    end loop;
+    m := regexp_match(s, '^alter\s+table\s+(.*)$', 'i');
+    if m is null then
+        raise exception using errcode = '0A000',
+            message = 'tat.alter only runs ALTER TABLE commands',
+            detail = format('The command starts with %L.', left(s, 40)),
+            hint = 'Pass one statement of the form ALTER TABLE name ...';
+    end if;
+    s := m[1];
+    s := regexp_replace(s, '^if\s+exists\s+', '', 'i');
+    s := regexp_replace(s, '^only\s+', '', 'i');
+    if s ~* '^all\s+in\s+tablespace' then
+        raise exception using errcode = '0A000', message = 'tat.alter does not run ALTER TABLE ALL IN TABLESPACE';
+    end if;
+    begin
+        parts := parse_ident(s, false);
+    exception when others then
+        raise exception using errcode = '42601',
+            message = format('cannot read the table name in %L', left(s, 60)),
+            detail = sqlerrm;
+    end;
+    select string_agg(quote_ident(x), '.' order by o) into qname
+    from unnest(parts) with ordinality as u(x, o);
+    rel := to_regclass(qname);
+    if rel is null then
+        raise exception using errcode = '42P01', message = format('relation "%s" does not exist', qname);
+    end if;
+    return rel;
+end
+$$;
+
+-- Default and validated options. Raises 22023 on unknown keys or bad values;
+-- returns every option, canonicalised.
+create or replace function tat._resolve_options(opts jsonb) returns jsonb
+language plpgsql stable set search_path = pg_catalog, pg_temp
+as $$
+declare
+    defaults jsonb := jsonb_build_object(
+        'capture', 'trigger', 'copy_data_jobs', 1, 'create_index_jobs', 2, 'batch_size', 10000,
+        'lock_timeout', '00:00:00.2', 'time_between_locks', '00:00:02', 'min_delta_rows', 1000,
+        'work_mem', null, 'maintenance_work_mem', null, 'max_parallel_maintenance_workers', null,
+        'switch', 'auto', 'skip_fk_validation', false);
+    o        jsonb;
+    unknown  text;
+    v_capture text; v_cdj int; v_cij int; v_batch int; v_lt interval; v_tbl interval;
+    v_mdr bigint; v_wm text; v_mwm text; v_mpmw int; v_switch text; v_skip boolean;
+begin
+    if opts is null or jsonb_typeof(opts) <> 'object' then
+        opts := '{}';
+    end if;
+    select string_agg(k, ', ' order by k) into unknown
+    from jsonb_object_keys(opts) k where not defaults ? k;
+    if unknown is not null then
+        raise exception using errcode = '22023', message = format('unknown option(s): %s', unknown);
+    end if;
+    o := defaults || opts;
+    begin
+        v_capture := o->>'capture';
+        v_cdj := (o->>'copy_data_jobs')::int;
+        v_cij := (o->>'create_index_jobs')::int;
+        v_batch := (o->>'batch_size')::int;
+        v_lt := (o->>'lock_timeout')::interval;
+        v_tbl := (o->>'time_between_locks')::interval;
+        v_mdr := (o->>'min_delta_rows')::bigint;
+        v_wm := o->>'work_mem';
+        v_mwm := o->>'maintenance_work_mem';
+        v_mpmw := (o->>'max_parallel_maintenance_workers')::int;
+        v_switch := o->>'switch';
+        v_skip := (o->>'skip_fk_validation')::boolean;
+    exception when others then
+        raise exception using errcode = '22023', message = format('invalid option value: %s', sqlerrm);
+    end;
+    if v_capture is null or v_capture not in ('trigger', 'logical') then
+        raise exception using errcode = '22023',
+            message = format('capture must be ''trigger'' or ''logical'', not %s', coalesce(quote_literal(v_capture), 'NULL'));
+    end if;
+    if v_switch is null or v_switch not in ('auto', 'manual') then
+        raise exception using errcode = '22023',
+            message = format('switch must be ''auto'' or ''manual'', not %s', coalesce(quote_literal(v_switch), 'NULL'));
+    end if;
+    if v_cdj is null or v_cdj < 1 then
+        raise exception using errcode = '22023', message = format('copy_data_jobs must be at least 1, not %s', coalesce(v_cdj::text, 'NULL'));
+    end if;
+    if v_cij is null or v_cij < 1 then
+        raise exception using errcode = '22023', message = format('create_index_jobs must be at least 1, not %s', coalesce(v_cij::text, 'NULL'));
+    end if;
+    if v_batch is null or v_batch < 1 then
+        raise exception using errcode = '22023', message = format('batch_size must be at least 1, not %s', coalesce(v_batch::text, 'NULL'));
+    end if;
+    if v_lt is null or v_lt <= interval '0' then
+        raise exception using errcode = '22023', message = format('lock_timeout must be positive, not %s', coalesce(v_lt::text, 'NULL'));
+    end if;
+    if v_tbl is null or v_tbl < interval '0' then
+        raise exception using errcode = '22023', message = format('time_between_locks must not be negative, not %s', coalesce(v_tbl::text, 'NULL'));
+    end if;
+    if v_mdr is null or v_mdr < 0 then
+        raise exception using errcode = '22023', message = format('min_delta_rows must not be negative, not %s', coalesce(v_mdr::text, 'NULL'));
+    end if;
+    if v_wm is not null and v_wm !~* '^\s*\d+\s*(B|kB|MB|GB|TB)?\s*$' then
+        raise exception using errcode = '22023', message = format('work_mem must be a memory size such as ''64MB'', not %L', v_wm);
+    end if;
+    if v_mwm is not null and v_mwm !~* '^\s*\d+\s*(B|kB|MB|GB|TB)?\s*$' then
+        raise exception using errcode = '22023', message = format('maintenance_work_mem must be a memory size such as ''1GB'', not %L', v_mwm);
+    end if;
+    if v_mpmw is not null and (v_mpmw < 0 or v_mpmw > 1024) then
+        raise exception using errcode = '22023', message = format('max_parallel_maintenance_workers must be between 0 and 1024, not %s', v_mpmw);
+    end if;
+    if v_skip is null then
+        raise exception using errcode = '22023', message = 'skip_fk_validation must not be NULL';
+    end if;
+    return jsonb_build_object(
+        'capture', v_capture, 'copy_data_jobs', v_cdj, 'create_index_jobs', v_cij, 'batch_size', v_batch,
+        'lock_timeout', v_lt::text, 'time_between_locks', v_tbl::text, 'min_delta_rows', v_mdr,
+        'work_mem', v_wm, 'maintenance_work_mem', v_mwm, 'max_parallel_maintenance_workers', v_mpmw,
+        'switch', v_switch, 'skip_fk_validation', v_skip);
+end
+$$;
+
+-- ---------------------------------------------------------------------------
+-- triggers on tat.migrations
+-- ---------------------------------------------------------------------------
+
+-- BEFORE INSERT, invoker rights: current_user is the caller's current role.
+-- Validates the command and options and sets every column the caller cannot.
+-- Not search_path-pinned: the table name resolves with the caller's search_path.
+create or replace function tat._migrations_before_insert() returns trigger
+language plpgsql security invoker
+as $$
+declare
+    rel    regclass;
+    cls    record;
+    active record;
+begin
+    if new.command is null or btrim(new.command, E' \t\r\n\f;') = '' then
+        raise exception using errcode = '22023', message = 'command must not be empty';
+    end if;
+    new.command := tat._single_statement(new.command);
+    rel := tat._command_table(new.command);
+    select c.oid, c.relkind, c.relpersistence, c.relowner, n.nspname, c.relname
+      into cls
+      from pg_class c join pg_namespace n on n.oid = c.relnamespace
+     where c.oid = rel;
+    if cls.relkind not in ('r', 'p') then
+        raise exception using errcode = '42809',
+            message = format('"%s" is not a table', cls.relname),
+            detail = 'tat.alter migrates plain and partitioned tables only.';
+    end if;
+    if cls.relpersistence = 't' then
+        raise exception using errcode = '0A000', message = 'tat.alter cannot migrate temporary tables';
+    end if;
+    if cls.nspname in ('pg_catalog', 'information_schema', 'tat') or cls.nspname like 'pg\_toast%' then
+        raise exception using errcode = '0A000',
+            message = format('tat.alter does not migrate tables in schema %s', cls.nspname);
+    end if;
+    if not pg_has_role(current_user, cls.relowner, 'MEMBER') then
+        raise exception using errcode = '42501',
+            message = format('must be owner of table %s', cls.relname),
+            detail = format('Role %s is not a member of the owner of %I.%I.', current_user, cls.nspname, cls.relname);
+    end if;
+    new.options := tat._resolve_options(new.options);
+    select * into active from tat._active_job(cls.oid);
+    if active.id is not null then
+        raise exception using errcode = '55006',
+            message = format('table %I.%I already has an active migration (id %s, %s)',
+                             cls.nspname, cls.relname, active.id, active.state),
+            hint = format('Wait for it (select tat.wait(%s)) or cancel it (select tat.cancel(%s)).', active.id, active.id);
+    end if;
+
+    new.table_oid := cls.oid;
+    new.table_name := format('%I.%I', cls.nspname, cls.relname);
+    new.capture := new.options->>'capture';
+    new.requested_by := current_user;
+    new.state := 'queued';
+    new.phase := null;
+    new.switch_requested := false;
+    new.cancel_requested := false;
+    new.pause_requested := false;
+    new.rows_copied := 0;
+    new.rows_total := null;
+    new.delta_backlog := null;
+    new.lock_attempts := 0;
+    new.runner := null;
+    new.attempts := 0;
+    new.created_at := now();
+    new.started_at := null;
+    new.updated_at := now();
+    new.finished_at := null;
+    new.error := null;
+    new.error_phase := null;
+    return new;
+end
+$$;
+
+-- AFTER INSERT, definer rights: records the event and wakes tatd (the notify
+-- is delivered at COMMIT).
+create or replace function tat._migrations_after_insert() returns trigger
+language plpgsql security definer set search_path = pg_catalog, pg_temp
+as $$
+begin
+    insert into tat.events (job, phase, message)
+    values (new.id, null, format('queued by %s: %s', new.requested_by, new.command));
+    perform tat._notify(new.id::text);
+    return null;
+end
+$$;
+
+create or replace trigger migrations_before_insert
+    before insert on tat.migrations
+    for each row execute function tat._migrations_before_insert();
+create or replace trigger migrations_after_insert
+    after insert on tat.migrations
+    for each row execute function tat._migrations_after_insert();
+
+-- ---------------------------------------------------------------------------
+-- triggers on tat.requests
+-- ---------------------------------------------------------------------------
+
+-- BEFORE INSERT, invoker rights: stamps the caller, checks it may control the
+-- job (it must see it through row level security) or owns the table (cleanup).
+create or replace function tat._requests_before_insert() returns trigger
+language plpgsql security invoker set search_path = pg_catalog, pg_temp
+as $$
+declare
+    cls record;
+begin
+    new.requested_by := current_user;
+    new.at := now();
+    new.runner := null;
+    new.finished_at := null;
+    new.error := null;
+    if new.action is null or new.action not in ('cancel', 'pause', 'resume', 'switch', 'cleanup') then
+        raise exception using errcode = '22023', message = format('unknown action %L', new.action);
+    end if;
+    if new.action = 'cleanup' then
+        new.job := null;
+        select c.oid, c.relowner, c.relkind, n.nspname, c.relname into cls
+          from pg_class c join pg_namespace n on n.oid = c.relnamespace where c.oid = new.table_oid;
+        if cls.oid is null then
+            raise exception using errcode = '42P01', message = format('relation with OID %s does not exist', new.table_oid);
+        end if;
+        if not pg_has_role(current_user, cls.relowner, 'MEMBER') then
+            raise exception using errcode = '42501', message = format('must be owner of table %s', cls.relname);
+        end if;
+        new.table_name := format('%I.%I', cls.nspname, cls.relname);
+        new.state := 'queued';
+        return new;
+    end if;
+    -- job actions: the caller must see the job (row level security decides)
+    select m.table_oid, m.table_name into new.table_oid, new.table_name
+      from tat.migrations m where m.id = new.job;
+    if not found then
+        raise exception using errcode = 'P0002',
+            message = format('migration %s does not exist', coalesce(new.job::text, 'NULL')),
+            hint = 'A role sees the migrations it requested and those on tables it owns.';
+    end if;
+    new.state := 'done';
+    return new;
+end
+$$;
+
+-- AFTER INSERT, definer rights: applies the request.
+create or replace function tat._requests_after_insert() returns trigger
+language plpgsql security definer set search_path = pg_catalog, pg_temp
+as $$
+declare
+    m      tat.migrations;
+    active record;
+    cid    bigint;
+begin
+    if new.action = 'cleanup' then
+        select * into active from tat._active_job(new.table_oid);
+        if active.id is not null then
+            raise exception using errcode = '55006',
+                message = format('table %s has an active migration (id %s, %s); cancel it instead',
+                                 new.table_name, active.id, active.state);
+        end if;
+        perform tat._notify('cleanup:' || new.id);
+        return null;
+    end if;
+
+    select * into m from tat.migrations where id = new.job for update;
+    if not tat._may_control(new.requested_by, m.requested_by, m.table_oid) then
+        raise exception using errcode = '42501', message = format('permission denied for migration %s', new.job);
+    end if;
+
+    case new.action
+    when 'cancel' then
+        if m.state in ('done', 'cancelled') then
+            raise exception using errcode = '55000', message = format('migration %s is already %s', m.id, m.state);
+        elsif m.state in ('running', 'waiting_switch') then
+            update tat.migrations set cancel_requested = true, updated_at = now() where id = m.id;
+        else
+            -- queued, paused, failed: nobody runs it; drop leftovers through a cleanup request
+            update tat.migrations
+               set state = 'cancelled', cancel_requested = true, finished_at = now(), updated_at = now()
+             where id = m.id;
+            if m.state <> 'queued' then
+                insert into tat.requests (action, table_oid, table_name, requested_by, state)
+                values ('cleanup', m.table_oid, m.table_name, new.requested_by, 'queued')
+                returning id into cid;
+                perform tat._notify('cleanup:' || cid);
+            end if;
+        end if;
+    when 'pause' then
+        if m.state = 'queued' then
+            update tat.migrations set state = 'paused', updated_at = now() where id = m.id;
+        elsif m.state in ('running', 'waiting_switch') then
+            update tat.migrations set pause_requested = true, updated_at = now() where id = m.id;
+        elsif m.state <> 'paused' then
+            raise exception using errcode = '55000', message = format('migration %s is %s and cannot be paused', m.id, m.state);
+        end if;
+    when 'resume' then
+        if m.state in ('paused', 'failed') then
+            select * into active from tat._active_job(m.table_oid);
+            if active.id is not null and active.id <> m.id then
+                raise exception using errcode = '55006',
+                    message = format('table %s has another active migration (id %s)', m.table_name, active.id);
+            end if;
+            update tat.migrations
+               set state = 'queued', pause_requested = false, error = null, error_phase = null,
+                   finished_at = null, updated_at = now()
+             where id = m.id;
+        elsif m.state in ('running', 'waiting_switch') and m.pause_requested then
+            update tat.migrations set pause_requested = false, updated_at = now() where id = m.id;
+        elsif m.state not in ('queued', 'running', 'waiting_switch') then
+            raise exception using errcode = '55000', message = format('migration %s is %s and cannot be resumed', m.id, m.state);
+        end if;
+    when 'switch' then
+        if m.state not in ('queued', 'running', 'paused', 'waiting_switch') then
+            raise exception using errcode = '55000', message = format('migration %s is %s; nothing to switch', m.id, m.state);
+        end if;
+        update tat.migrations set switch_requested = true, updated_at = now() where id = m.id;
+    end case;
+
+    insert into tat.events (job, phase, message)
+    values (m.id, m.phase, format('%s requested by %s', new.action, new.requested_by));
+    if new.action = 'resume' then
+        perform tat._notify(m.id::text);
+    else
+        perform tat._notify(new.action || ':' || m.id);
+    end if;
+    return null;
+end
+$$;
+
+create or replace trigger requests_before_insert
+    before insert on tat.requests
+    for each row execute function tat._requests_before_insert();
+create or replace trigger requests_after_insert
+    after insert on tat.requests
+    for each row execute function tat._requests_after_insert();
+
+-- ---------------------------------------------------------------------------
+-- row level security: a role sees its own jobs and jobs on tables it owns
+-- ---------------------------------------------------------------------------
+alter table tat.migrations enable row level security;
+do $$
+begin
+    if not exists (select from pg_policy where polrelid = 'tat.migrations'::regclass and polname = 'migrations_visible') then
+        create policy migrations_visible on tat.migrations for select
+            using (tat._may_control(current_user, requested_by, table_oid));
+    end if;
+    if not exists (select from pg_policy where polrelid = 'tat.migrations'::regclass and polname = 'migrations_insert') then
+        -- validation lives in the BEFORE INSERT trigger
+        create policy migrations_insert on tat.migrations for insert with check (true);
+    end if;
+end
+$$;
+
+-- ---------------------------------------------------------------------------
+-- API
+-- ---------------------------------------------------------------------------
+
+-- Queues one ALTER TABLE; returns the job id. The job becomes visible to
+-- tatd when the caller's transaction commits.
+create or replace function tat.alter(
+    command text,
+    capture text default 'trigger',
+    copy_data_jobs int default 1,
+    create_index_jobs int default 2,
+    batch_size int default 10000,
+    lock_timeout interval default '200ms',
+    time_between_locks interval default '2s',
+    min_delta_rows bigint default 1000,
+    work_mem text default null,
+    maintenance_work_mem text default null,
+    max_parallel_maintenance_workers int default null,
+    switch text default 'auto',
+    skip_fk_validation boolean default false
+) returns bigint
+language plpgsql volatile security invoker  -- caller's search_path resolves the table
+as $$
+declare
+    v_id bigint;
+begin
+    insert into tat.migrations (command, options)
+    values (alter.command, jsonb_build_object(
+        'capture', alter.capture,
+        'copy_data_jobs', alter.copy_data_jobs,
+        'create_index_jobs', alter.create_index_jobs,
+        'batch_size', alter.batch_size,
+        'lock_timeout', alter.lock_timeout::text,
+        'time_between_locks', alter.time_between_locks::text,
+        'min_delta_rows', alter.min_delta_rows,
+        'work_mem', alter.work_mem,
+        'maintenance_work_mem', alter.maintenance_work_mem,
+        'max_parallel_maintenance_workers', alter.max_parallel_maintenance_workers,
+        'switch', alter.switch,
+        'skip_fk_validation', alter.skip_fk_validation))
+    returning id into v_id;
+    return v_id;
+exception when unique_violation then
+    -- a concurrent tat.alter on the same table won the race
+    raise exception using errcode = '55006',
+        message = 'the table already has an active migration',
+        detail = sqlerrm;
+end
+$$;
+
+create or replace function tat.cancel(id bigint) returns void
+language sql volatile security invoker set search_path = pg_catalog, pg_temp
+as $$ insert into tat.requests (action, job) values ('cancel', cancel.id) $$;
+
+create or replace function tat.pause(id bigint) returns void
+language sql volatile security invoker set search_path = pg_catalog, pg_temp
+as $$ insert into tat.requests (action, job) values ('pause', pause.id) $$;
+
+create or replace function tat.resume(id bigint) returns void
+language sql volatile security invoker set search_path = pg_catalog, pg_temp
+as $$ insert into tat.requests (action, job) values ('resume', resume.id) $$;
+
+create or replace function tat.switch(id bigint) returns void
+language sql volatile security invoker set search_path = pg_catalog, pg_temp
+as $$ insert into tat.requests (action, job) values ('switch', switch.id) $$;
+
+-- Queues the removal of the leftovers of a failed run on tbl (shadow table,
+-- delta table, capture trigger); tatd runs it. Returns the request id.
+create or replace function tat.cleanup(tbl regclass) returns bigint
+language sql volatile security invoker set search_path = pg_catalog, pg_temp
+as $$ insert into tat.requests (action, table_oid) values ('cleanup', tbl) returning id $$;
+
+-- Blocks until the job ends; returns its final state ('done'). Raises when
+-- the job failed or was cancelled (with its error), and 57014 on timeout.
+-- Call it after the transaction that queued the job has committed.
+create or replace function tat.wait(id bigint, timeout interval default null) returns text
+language plpgsql volatile security invoker set search_path = pg_catalog, pg_temp
+as $$
+declare
+    deadline timestamptz := case when timeout is null then null else clock_timestamp() + timeout end;
+    m        record;
+begin
+    loop
+        -- each statement of a READ COMMITTED plpgsql function takes a new snapshot
+        select s.state, s.error, s.error_phase into m from tat.migrations s where s.id = wait.id;
+        if not found then
+            raise exception using errcode = 'P0002', message = format('migration %s does not exist', wait.id);
+        end if;
+        if m.state = 'done' then
+            return m.state;
+        elsif m.state = 'failed' then
+            raise exception using errcode = 'P0001',
+                message = format('migration %s failed in phase %s: %s', wait.id, coalesce(m.error_phase, '?'), m.error);
+        elsif m.state = 'cancelled' then
+            raise exception using errcode = 'P0001', message = format('migration %s was cancelled', wait.id);
+        end if;
+        if deadline is not null and clock_timestamp() >= deadline then
+            raise exception using errcode = '57014',
+                message = format('timeout waiting for migration %s (state %s)', wait.id, m.state);
+        end if;
+        perform pg_sleep(0.2);
+    end loop;
+end
+$$;
+
+-- ---------------------------------------------------------------------------
+-- views
+-- ---------------------------------------------------------------------------
+create or replace view tat.status as
+select m.id,
+       m.table_name,
+       m.command,
+       m.state,
+       m.phase,
+       (case when m.state = 'done' then 100
+             when coalesce(m.rows_total, 0) > 0 then least(100, round(100.0 * m.rows_copied / m.rows_total, 1))
+             else 0 end)::numeric as progress,
+       m.rows_copied,
+       m.rows_total,
+       r.rows_per_second,
+       (case when m.state in ('running', 'waiting_switch') and r.rows_per_second > 0 and m.rows_total > m.rows_copied
+             then make_interval(secs => round((m.rows_total - m.rows_copied) / r.rows_per_second)::double precision)
+        end) as eta,
+       m.delta_backlog,
+       m.capture,
+       m.lock_attempts,
+       m.started_at,
+       m.updated_at,
+       m.finished_at,
+       m.error,
+       m.error_phase,
+       m.requested_by,
+       m.runner,
+       m.switch_requested,
+       m.options,
+       m.created_at
+  from tat.migrations m
+  cross join lateral (
+      select case when m.started_at is not null and m.rows_copied > 0
+                       and extract(epoch from coalesce(m.finished_at, m.updated_at, now()) - m.started_at) > 0
+                  then round(m.rows_copied / extract(epoch from coalesce(m.finished_at, m.updated_at, now()) - m.started_at), 1)
+             end::numeric as rows_per_second
+  ) r;
+comment on view tat.status is 'pg_tat: one row per migration with live progress';
+
+create or replace view tat.errors as
+select m.id,
+       m.id as job,
+       m.table_name,
+       m.command,
+       m.error_phase as phase,
+       m.error,
+       m.finished_at as at,
+       m.requested_by
+  from tat.migrations m
+ where m.state = 'failed' or (m.error is not null and m.state = 'cancelled');
+comment on view tat.errors is 'pg_tat: failed jobs with their error and the phase it happened in';
+
+-- ---------------------------------------------------------------------------
+-- privileges (see the block at the top)
+-- ---------------------------------------------------------------------------
+revoke all on all tables in schema tat from public;
+revoke all on all sequences in schema tat from public;
+revoke all on all functions in schema tat from public;
+
+grant select on tat.migrations to public;                 -- filtered by row level security
+grant insert (command, options) on tat.migrations to public;
+grant insert (action, job, table_oid) on tat.requests to public;
+grant select (id) on tat.requests to public;              -- for tat.cleanup's RETURNING id
+
+grant execute on function tat.alter(text, text, int, int, int, interval, interval, bigint, text, text, int, text, boolean) to public;
+grant execute on function tat.cancel(bigint), tat.pause(bigint), tat.resume(bigint), tat.switch(bigint),
+                          tat.cleanup(regclass), tat.wait(bigint, interval) to public;
+-- helpers the invoker-rights code calls
+grant execute on function tat._may_control(name, name, oid), tat._active_job(oid),
+                          tat._single_statement(text), tat._command_table(text),
+                          tat._resolve_options(jsonb) to public;

@@ -1,0 +1,83 @@
+package sqlapi
+
+import (
+	"encoding/json"
+	"fmt"
+
+	"github.com/pgtat/pg_tat/replicate"
+)
+
+// jobOptions is the options jsonb of tat.migrations, as resolved by
+// tat._resolve_options (every key present).
+type jobOptions struct {
+	Capture                       string  `json:"capture"`
+	CopyDataJobs                  *int    `json:"copy_data_jobs"`
+	CreateIndexJobs               *int    `json:"create_index_jobs"`
+	BatchSize                     *int    `json:"batch_size"`
+	MinDeltaRows                  *int64  `json:"min_delta_rows"`
+	WorkMem                       *string `json:"work_mem"`
+	MaintenanceWorkMem            *string `json:"maintenance_work_mem"`
+	MaxParallelMaintenanceWorkers *int    `json:"max_parallel_maintenance_workers"`
+	Switch                        string  `json:"switch"`
+	SkipFKValidation              bool    `json:"skip_fk_validation"`
+}
+
+// Options converts a job row into engine options: defaults of
+// replicate.DefaultOptions overridden by the row, RunAs = requested_by (the
+// engine re-checks that role may ALTER the table), ManualSwitch from
+// switch = 'manual', and Continue when an earlier attempt of the same job was
+// interrupted (attempts > 1), so the engine reuses what that attempt built.
+func Options(j Job) (replicate.Options, error) {
+	o := replicate.DefaultOptions()
+	o.Command = j.Command
+	o.RunAs = j.RequestedBy
+	var jo jobOptions
+	if len(j.Options) > 0 {
+		if err := json.Unmarshal(j.Options, &jo); err != nil {
+			return o, fmt.Errorf("options of migration %d: %w", j.ID, err)
+		}
+	}
+	if jo.Capture != "" {
+		o.Capture = jo.Capture
+	}
+	if jo.CopyDataJobs != nil {
+		o.CopyDataJobs = *jo.CopyDataJobs
+	}
+	if jo.CreateIndexJobs != nil {
+		o.CreateIndexJobs = *jo.CreateIndexJobs
+	}
+	if jo.BatchSize != nil {
+		o.BatchSize = *jo.BatchSize
+	}
+	if jo.MinDeltaRows != nil {
+		o.MinDeltaRows = *jo.MinDeltaRows
+	}
+	if jo.WorkMem != nil {
+		o.WorkMem = *jo.WorkMem
+	}
+	if jo.MaintenanceWorkMem != nil {
+		o.MaintenanceWorkMem = *jo.MaintenanceWorkMem
+	}
+	if jo.MaxParallelMaintenanceWorkers != nil {
+		o.MaxParallelMaintenanceWorkers = *jo.MaxParallelMaintenanceWorkers
+	}
+	if j.LockTimeout > 0 {
+		o.LockTimeout = j.LockTimeout
+	}
+	if j.TimeBetweenLocks >= 0 {
+		o.TimeBetweenLocks = j.TimeBetweenLocks
+	}
+	switch jo.Switch {
+	case "", "auto":
+	case "manual":
+		o.ManualSwitch = true
+	default:
+		return o, fmt.Errorf("options of migration %d: switch must be auto or manual, not %q", j.ID, jo.Switch)
+	}
+	o.SkipFKValidation = jo.SkipFKValidation
+	o.Continue = j.Attempts > 1
+	if err := o.Validate(); err != nil {
+		return o, fmt.Errorf("options of migration %d: %w", j.ID, err)
+	}
+	return o, nil
+}
