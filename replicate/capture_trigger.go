@@ -27,21 +27,46 @@ const truncTriggerName = "replicate__tat_truncate"
 
 func captureFunc(p *plan) string { return ident(p.Schema, shadowName(p.Table, "__tat_capture")) }
 
-// installTrigger creates the delta table and the capture triggers. The
-// triggers need a SHARE ROW EXCLUSIVE lock on the original, taken under the
-// short lock_timeout with retries, so writers never queue long behind it.
+// triggerCapture is capture => 'trigger'.
+type triggerCapture struct{ m *migration }
+
+func (c triggerCapture) start(ctx context.Context) (string, error) {
+	return "", c.m.installTrigger(ctx)
+}
+func (c triggerCapture) copied(context.Context) error       { return nil }
+func (c triggerCapture) sync(context.Context, pgx.Tx) error { return nil }
+func (c triggerCapture) stop(context.Context) error         { return nil } // the trigger goes with the table or cleanup
+func (c triggerCapture) lagBytes() int64                    { return 0 }
+
+// createDelta creates T__tat_delta: (seq, op, k1..kn). Both capture methods
+// feed it; the applier reads it.
+func (m *migration) createDelta(ctx context.Context) error {
+	p := m.plan
+	cols := make([]string, len(p.Key))
+	for i := range p.Key {
+		cols[i] = fmt.Sprintf("k%d %s", i+1, p.KeyTypes[i])
+	}
+	_, err := m.exec(ctx, m.pool, "CREATE TABLE "+m.deltaIdent()+
+		" (seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, op \"char\" NOT NULL, "+strings.Join(cols, ", ")+")")
+	if err != nil {
+		return fmt.Errorf("create delta: %w", err)
+	}
+	return nil
+}
+
+// installTrigger creates the capture function and triggers. The triggers
+// need a SHARE ROW EXCLUSIVE lock on the original, taken under the short
+// lock_timeout with retries, so writers never queue long behind it.
 func (m *migration) installTrigger(ctx context.Context) error {
 	p := m.plan
 	delta := m.deltaIdent()
-	var cols, newVals, oldVals []string
-	for i, k := range p.Key {
-		cols = append(cols, fmt.Sprintf("k%d %s", i+1, p.KeyTypes[i]))
+	var newVals, oldVals []string
+	for _, k := range p.Key {
 		newVals = append(newVals, "NEW."+qi(k))
 		oldVals = append(oldVals, "OLD."+qi(k))
 	}
 	kcols := keyCols(len(p.Key))
 	create := []string{
-		"CREATE TABLE " + delta + " (seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, op \"char\" NOT NULL, " + strings.Join(cols, ", ") + ")",
 		// SECURITY DEFINER: the application's roles need no privilege on the delta.
 		fmt.Sprintf(`CREATE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
 BEGIN
@@ -109,8 +134,11 @@ func isLockTimeout(err error) bool {
 // behind our lock request never wait long, and retries do not synchronise
 // with a periodic blocker.
 func (m *migration) withLockRetries(ctx context.Context, fn func(context.Context, pgx.Tx) error, between func(context.Context) error) error {
-	timeout := m.opts.LockTimeout
+	timeout := m.lockTimeout()
 	for attempt := 1; ; attempt++ {
+		if err := m.hold(ctx); err != nil {
+			return err
+		}
 		err := m.lockedTx(ctx, timeout, fn)
 		if err == nil {
 			return nil
@@ -124,7 +152,7 @@ func (m *migration) withLockRetries(ctx context.Context, fn func(context.Context
 		if m.opts.MaxLockAttempts > 0 && attempt >= m.opts.MaxLockAttempts {
 			return fmt.Errorf("could not lock %s in %d attempts: %w", m.tableRef(), attempt, err)
 		}
-		wait := m.opts.TimeBetweenLocks
+		wait := m.timeBetweenLocks()
 		if wait > 0 {
 			wait = wait/2 + time.Duration(rand.Int64N(int64(wait)))
 		}
@@ -138,7 +166,7 @@ func (m *migration) withLockRetries(ctx context.Context, fn func(context.Context
 				return err
 			}
 		}
-		if next := timeout * 3 / 2; next <= m.opts.LockTimeout*4 {
+		if next := timeout * 3 / 2; next <= m.lockTimeout()*4 {
 			timeout = next
 		}
 	}

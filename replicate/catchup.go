@@ -20,9 +20,11 @@ import (
 // giving up after CatchupTimeout when writers outpace it.
 func (m *migration) catchup(ctx context.Context) error {
 	start := time.Now()
-	limit := int64(m.opts.BatchSize) * 10
 	for {
-		n, err := m.applyDelta(ctx, m.pool, limit)
+		if err := m.hold(ctx); err != nil {
+			return err
+		}
+		n, err := m.applyDelta(ctx, m.pool, int64(m.batchSize())*10)
 		if err != nil {
 			return err
 		}

@@ -182,9 +182,10 @@ SELECT count(*) OVER (), ARRAY[%s] FROM src ORDER BY %s LIMIT 1`,
 	lo := r.lo
 	withHi := r.hi != nil
 	for batch := 1; ; batch++ {
-		if err := ctx.Err(); err != nil {
+		if err := m.hold(ctx); err != nil {
 			return err
 		}
+		size := m.batchSize()
 		args := []any{}
 		for _, v := range lo {
 			args = append(args, v)
@@ -194,14 +195,25 @@ SELECT count(*) OVER (), ARRAY[%s] FROM src ORDER BY %s LIMIT 1`,
 				args = append(args, v)
 			}
 		}
-		args = append(args, m.opts.BatchSize)
+		args = append(args, size)
 		sql := build(lo != nil, withHi)
 		if m.opts.ShowQueries != nil {
 			m.opts.ShowQueries(sql)
 		}
 		var count int64
 		var last []string
-		err := pgx.BeginFunc(ctx, m.pool, func(tx pgx.Tx) error {
+		txo := pgx.TxOptions{}
+		if m.snapshot != "" {
+			txo.IsoLevel = pgx.RepeatableRead
+		}
+		err := pgx.BeginTxFunc(ctx, m.pool, txo, func(tx pgx.Tx) error {
+			if m.snapshot != "" {
+				// Logical capture: every batch reads the slot's exported
+				// snapshot, so copy + stream are exactly consistent.
+				if _, err := tx.Exec(ctx, "SET TRANSACTION SNAPSHOT "+quoteLiteral(m.snapshot)); err != nil {
+					return err
+				}
+			}
 			if m.opts.WorkMem != "" {
 				if _, err := tx.Exec(ctx, "SELECT set_config('work_mem', $1, true)", m.opts.WorkMem); err != nil {
 					return err
@@ -217,14 +229,14 @@ SELECT count(*) OVER (), ARRAY[%s] FROM src ORDER BY %s LIMIT 1`,
 				return err
 			}
 			_, err = tx.Exec(ctx, "UPDATE "+m.stateIdent()+" SET last = $2, rows = rows + $3, done = $4 WHERE range_id = $1",
-				r.id, last, count, count < int64(m.opts.BatchSize))
+				r.id, last, count, count < int64(size))
 			return err
 		})
 		if err != nil {
 			return fmt.Errorf("copy batch %d of range %d of %s: %w", batch, r.id, m.tableRef(), err)
 		}
 		m.rowsCopied.Add(count)
-		if count < int64(m.opts.BatchSize) {
+		if count < int64(size) {
 			return nil
 		}
 		lo = last

@@ -38,7 +38,7 @@ func (m *migration) cutover(ctx context.Context) error {
 		m.event(ctx, PhaseSwitch, fmt.Sprintf("table swapped; lock held %s", time.Since(started).Round(time.Millisecond)))
 		return nil
 	}, func(ctx context.Context) error {
-		_, err := m.applyDelta(ctx, m.pool, int64(m.opts.BatchSize)*10)
+		_, err := m.applyDelta(ctx, m.pool, int64(m.batchSize())*10)
 		return err
 	})
 	if err != nil {
@@ -56,7 +56,7 @@ func (m *migration) waitForBlockers(ctx context.Context) error {
 		err := m.pool.QueryRow(ctx, `select coalesce(array_agg(distinct l.pid), '{}') from pg_locks l
 			join pg_stat_activity a on a.pid = l.pid
 			where l.locktype = 'relation' and l.relation = $1 and l.granted and l.pid <> pg_backend_pid()
-			  and a.xact_start < now() - $2::interval`, m.t.OID, fmt.Sprintf("%d ms", m.opts.LockTimeout.Milliseconds())).Scan(&pids)
+			  and a.xact_start < now() - $2::interval`, m.t.OID, fmt.Sprintf("%d ms", m.lockTimeout().Milliseconds())).Scan(&pids)
 		if err != nil {
 			return fmt.Errorf("look for blockers: %w", err)
 		}
@@ -67,7 +67,7 @@ func (m *migration) waitForBlockers(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case <-time.After(max(m.opts.TimeBetweenLocks, 100*time.Millisecond)):
+		case <-time.After(max(m.timeBetweenLocks(), 100*time.Millisecond)):
 		}
 	}
 	return nil
@@ -75,6 +75,9 @@ func (m *migration) waitForBlockers(ctx context.Context) error {
 
 func (m *migration) swap(ctx context.Context, tx pgx.Tx) (*dependents, error) {
 	p := m.plan
+	if err := m.capture.sync(ctx, tx); err != nil {
+		return nil, fmt.Errorf("capture sync: %w", err)
+	}
 	if _, err := m.applyDeltaTx(ctx, tx, 0); err != nil {
 		return nil, fmt.Errorf("final delta: %w", err)
 	}

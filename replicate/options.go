@@ -102,7 +102,10 @@ type Progress struct {
 	RowsTotal    int64 // estimate
 	DeltaBacklog int64
 	LockAttempts int
-	Waiting      bool // waiting for a manual switch
+	Waiting      bool   // waiting for a manual switch
+	Paused       bool   // held by Steering.Paused
+	Throttle     string // why the engine is holding back, if it is
+	LagBytes     int64  // WAL not yet consumed by logical capture
 }
 
 // Reporter receives what the engine does. The sidecar writes it to
@@ -127,3 +130,19 @@ type NopReporter struct{}
 
 func (NopReporter) Progress(context.Context, Progress)    {}
 func (NopReporter) Event(context.Context, string, string) {}
+
+// Steering is what the driver may change while a migration runs.
+type Steering struct {
+	Paused         bool          // hold at the next safe point until false
+	ThrottleReason string        // non-empty: hold (the reason is reported), then ask again
+	BatchSize      int           // 0 = unchanged
+	LockTimeout    time.Duration // 0 = unchanged
+	BetweenLocks   time.Duration // 0 = unchanged
+}
+
+// Steerer is an optional extension of Control. The engine polls it (at most
+// twice a second) between copy batches, between catch-up rounds, while
+// waiting for a switch and before each lock attempt.
+type Steerer interface {
+	Steer(ctx context.Context) (Steering, error)
+}

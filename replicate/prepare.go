@@ -22,6 +22,7 @@ type plan struct {
 	Table   string `json:"table"`
 	TableID uint32 `json:"table_oid"`
 	Command string `json:"command"`
+	Capture string `json:"capture"`
 
 	Key       []string `json:"key"`        // key columns on the original
 	KeyTypes  []string `json:"key_types"`  // their types
@@ -70,7 +71,7 @@ func (m *migration) prepare(ctx context.Context) error {
 	p := &plan{
 		Shadow: shadowName(t.Name, "__tat_new"), Delta: shadowName(t.Name, "__tat_delta"),
 		State: shadowName(t.Name, "__tat_state"), Schema: t.Schema, Table: t.Name, TableID: t.OID,
-		Command: m.cmd.Text, Key: t.Key, KeyTypes: t.KeyTypes, IndexMap: map[string]string{},
+		Command: m.cmd.Text, Capture: m.opts.Capture, Key: t.Key, KeyTypes: t.KeyTypes, IndexMap: map[string]string{},
 		Renames: m.cmd.renames,
 	}
 	shadow := ident(p.Schema, p.Shadow)

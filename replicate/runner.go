@@ -30,6 +30,9 @@ type migration struct {
 
 	validations []string // VALIDATE CONSTRAINT statements left by the switch
 	swapped     bool
+	capture     capture
+	steer       steering
+	snapshot    string // exported snapshot every copy batch must use ("" for trigger capture)
 
 	mu           sync.Mutex
 	phase        string
@@ -65,14 +68,15 @@ func (m *migration) run(ctx context.Context) error {
 	if !m.cmd.NeedsRewrite() {
 		return m.runDirect(ctx)
 	}
-	if m.opts.Capture == CaptureLogical {
-		return fmt.Errorf("%w: capture 'logical' is not available yet; use 'trigger'", ErrBadCommand)
-	}
 	resumed, err := m.resume(ctx)
 	if err != nil {
 		return err
 	}
+	m.capture = m.newCapture()
 	err = m.phases(ctx, resumed)
+	if serr := m.capture.stop(context.WithoutCancel(ctx)); serr != nil && err == nil {
+		err = fmt.Errorf("stop capture: %w", serr)
+	}
 	if err != nil && ctx.Err() == nil && m.plan != nil && !m.swapped {
 		// A failure (not an interruption) ends the run: nothing of it may
 		// stay behind, least of all the capture trigger filling the delta.
@@ -91,9 +95,14 @@ func (m *migration) phases(ctx context.Context, resumed bool) error {
 			return fmt.Errorf("prepare: %w", err)
 		}
 		m.setPhase(ctx, PhaseCapture)
-		if err := m.installTrigger(ctx); err != nil {
+		if err := m.createDelta(ctx); err != nil {
 			return fmt.Errorf("capture: %w", err)
 		}
+		snap, err := m.capture.start(ctx)
+		if err != nil {
+			return fmt.Errorf("capture: %w", err)
+		}
+		m.snapshot = snap
 		if err := m.planRanges(ctx); err != nil {
 			return fmt.Errorf("copy: %w", err)
 		}
@@ -104,6 +113,9 @@ func (m *migration) phases(ctx context.Context, resumed bool) error {
 	m.setPhase(ctx, PhaseCopy)
 	if err := m.copyData(ctx); err != nil {
 		return fmt.Errorf("copy: %w", err)
+	}
+	if err := m.capture.copied(ctx); err != nil {
+		return fmt.Errorf("capture: %w", err)
 	}
 	m.setPhase(ctx, PhaseIndex)
 	if err := m.buildIndexes(ctx); err != nil {
@@ -256,7 +268,10 @@ func (m *migration) waitForSwitch(ctx context.Context) error {
 				return nil
 			}
 		}
-		if _, err := m.applyDelta(ctx, m.pool, int64(m.opts.BatchSize)*10); err != nil {
+		if err := m.hold(ctx); err != nil {
+			return err
+		}
+		if _, err := m.applyDelta(ctx, m.pool, int64(m.batchSize())*10); err != nil {
 			return fmt.Errorf("catchup: %w", err)
 		}
 		select {
@@ -266,6 +281,8 @@ func (m *migration) waitForSwitch(ctx context.Context) error {
 		}
 	}
 }
+
+func itoa(i int) string { return fmt.Sprint(i) }
 
 func (m *migration) setPhase(ctx context.Context, phase string) {
 	m.mu.Lock()
@@ -283,6 +300,10 @@ func (m *migration) report(ctx context.Context) {
 	m.mu.Unlock()
 	p := Progress{Phase: phase, RowsCopied: m.rowsCopied.Load(), DeltaBacklog: m.deltaBacklog.Load(),
 		LockAttempts: int(m.lockAttempts.Load()), Waiting: m.waiting.Load()}
+	p.Paused, p.Throttle = m.heldState()
+	if m.capture != nil {
+		p.LagBytes = m.capture.lagBytes()
+	}
 	if m.t != nil {
 		p.Table = m.t.ident()
 		p.RowsTotal = m.t.EstRows
