@@ -2,6 +2,7 @@ package replicate
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -73,6 +74,9 @@ func (m *migration) waitForBlockers(ctx context.Context) error {
 	return nil
 }
 
+// ErrConcurrentDDL: the original's shape changed while the job ran.
+var ErrConcurrentDDL = errors.New("concurrent DDL")
+
 func (m *migration) swap(ctx context.Context, tx pgx.Tx) (*dependents, error) {
 	p := m.plan
 	if err := m.capture.sync(ctx, tx); err != nil {
@@ -83,6 +87,13 @@ func (m *migration) swap(ctx context.Context, tx pgx.Tx) (*dependents, error) {
 	}
 	if _, err := tx.Exec(ctx, catalogPath); err != nil {
 		return nil, err
+	}
+	var fp string
+	if err := tx.QueryRow(ctx, qFingerprint, p.TableID).Scan(&fp); err != nil {
+		return nil, fmt.Errorf("fingerprint: %w", err)
+	}
+	if fp != p.Fingerprint {
+		return nil, fmt.Errorf("%w: the definition of %s changed during the migration (concurrent DDL); nothing was switched", ErrConcurrentDDL, m.tableRef())
 	}
 	d, err := m.readDependents(ctx, tx)
 	if err != nil {

@@ -229,3 +229,35 @@ func TestFailureCleansUp(t *testing.T) {
 		t.Fatalf("original changed: id is %s", got)
 	}
 }
+
+// DDL on the original during the run: the application keeps writing, and
+// the job fails cleanly instead of swapping in a table of a stale shape.
+func TestConcurrentDDL(t *testing.T) {
+	for _, ddl := range []string{
+		"alter table orders add column extra int",
+		"create index concurrently orders_n_idx on orders (n)",
+		"alter table orders alter column v set not null",
+	} {
+		t.Run(ddl, func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t)
+			e.seed("orders", "control", 2000)
+			o := opts("alter table orders alter column id type bigint")
+			o.StopBeforeSwitch = true
+			if err := e.run(o); err != nil {
+				t.Fatal(err)
+			}
+			e.exec(ddl)
+			e.exec("insert into orders (id, v, n) values (100000, 'x', 1)")
+			o.StopBeforeSwitch, o.Continue = false, true
+			err := e.run(o)
+			if !errors.Is(err, replicate.ErrConcurrentDDL) {
+				t.Fatalf("want concurrent DDL error, got %v", err)
+			}
+			e.assertNoLeftovers("orders")
+			if got := e.str("select format_type(atttypid, atttypmod) from pg_attribute where attrelid = 'orders'::regclass and attname = 'id'"); got != "integer" {
+				t.Fatalf("switched anyway: id is %s", got)
+			}
+		})
+	}
+}

@@ -23,6 +23,8 @@ type plan struct {
 	TableID uint32 `json:"table_oid"`
 	Command string `json:"command"`
 	Capture string `json:"capture"`
+	// Fingerprint of the original's shape at prepare (see qFingerprint).
+	Fingerprint string `json:"fingerprint"`
 
 	Key       []string `json:"key"`        // key columns on the original
 	KeyTypes  []string `json:"key_types"`  // their types
@@ -71,7 +73,7 @@ func (m *migration) prepare(ctx context.Context) error {
 	p := &plan{
 		Shadow: shadowName(t.Name, "__tat_new"), Delta: shadowName(t.Name, "__tat_delta"),
 		State: shadowName(t.Name, "__tat_state"), Schema: t.Schema, Table: t.Name, TableID: t.OID,
-		Command: m.cmd.Text, Capture: m.opts.Capture, Key: t.Key, KeyTypes: t.KeyTypes, IndexMap: map[string]string{},
+		Command: m.cmd.Text, Capture: m.opts.Capture, Fingerprint: t.Fingerprint, Key: t.Key, KeyTypes: t.KeyTypes, IndexMap: map[string]string{},
 		Renames: m.cmd.renames,
 	}
 	shadow := ident(p.Schema, p.Shadow)

@@ -36,6 +36,7 @@ type table struct {
 	Key          []string // key column names (original names)
 	KeyTypes     []string
 	EstRows      int64
+	Fingerprint  string // of columns, indexes and constraints: concurrent DDL changes it
 }
 
 type column struct {
@@ -190,11 +191,31 @@ func loadTable(ctx context.Context, conn pgx.Tx, schema, name string) (*table, e
 	if err != nil {
 		return nil, fmt.Errorf("find key of %s: %w", rel, err)
 	}
+	if err := conn.QueryRow(ctx, qFingerprint, oid).Scan(&t.Fingerprint); err != nil {
+		return nil, fmt.Errorf("fingerprint %s: %w", rel, err)
+	}
 	if _, err := conn.Exec(ctx, "reset search_path"); err != nil {
 		return nil, err
 	}
 	return t, nil
 }
+
+// qFingerprint summarises the table's shape. The cut-over compares it with
+// the one taken in prepare, so a concurrent ALTER, CREATE INDEX or ADD
+// CONSTRAINT on the original makes the job fail cleanly instead of swapping
+// in a table of a stale shape. Run it with search_path = pg_catalog.
+const qFingerprint = `
+select md5(concat_ws('|',
+  (select string_agg(a.attname || ':' || a.atttypid || ':' || a.atttypmod || ':' || a.attnotnull || ':' ||
+                     a.attisdropped || ':' || a.attgenerated::text || a.attidentity::text || ':' ||
+                     coalesce(pg_get_expr(d.adbin, d.adrelid), ''), ',' order by a.attnum)
+     from pg_attribute a left join pg_attrdef d on d.adrelid = a.attrelid and d.adnum = a.attnum
+    where a.attrelid = $1 and a.attnum > 0),
+  (select string_agg(pg_get_indexdef(i.indexrelid), ',' order by 1)
+     from pg_index i where i.indrelid = $1),
+  (select string_agg(c.conname || ' ' || pg_get_constraintdef(c.oid), ',' order by 1)
+     from pg_constraint c where c.conrelid = $1),
+  (select relpersistence::text || reltablespace::text || coalesce(reloptions::text, '') from pg_class where oid = $1)))`
 
 // columnDDL renders one column for CREATE TABLE.
 func columnDDL(c column) string {
