@@ -134,13 +134,6 @@ func (m *migration) copyRange(ctx context.Context, r copyRange) error {
 	for i, k := range p.Key {
 		keyT[i] = "t." + qi(k)
 	}
-	row := func(first int) string {
-		s := make([]string, n)
-		for i := range s {
-			s[i] = fmt.Sprintf("$%d::%s", first+i, p.KeyTypes[i])
-		}
-		return "(" + strings.Join(s, ", ") + ")"
-	}
 	sel := make([]string, 0, n+len(p.SelectExprs))
 	out := make([]string, 0, len(p.SelectExprs))
 	for i, k := range keyT {
@@ -156,47 +149,23 @@ func (m *migration) copyRange(ctx context.Context, r copyRange) error {
 		lastK[i] = fmt.Sprintf("_k%d::text", i+1)
 		descK[i] = fmt.Sprintf("_k%d DESC", i+1)
 	}
-	keyRow := "(" + strings.Join(keyT, ", ") + ")"
-	build := func(withLo, withHi bool) string {
-		var where []string
-		arg := 1
-		if withLo {
-			where = append(where, keyRow+" > "+row(arg))
-			arg += n
-		}
-		if withHi {
-			where = append(where, keyRow+" <= "+row(arg))
-			arg += n
-		}
-		w := ""
-		if len(where) > 0 {
-			w = " WHERE " + strings.Join(where, " AND ")
-		}
+	build := func(lo, hi []string) (string, []any) {
+		w, args := rangeCond(keyT, p.KeyTypes, lo, hi)
 		return fmt.Sprintf(`WITH src AS (SELECT %s FROM %s t%s ORDER BY %s LIMIT $%d),
 ins AS (INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM src)
 SELECT count(*) OVER (), ARRAY[%s] FROM src ORDER BY %s LIMIT 1`,
-			strings.Join(sel, ", "), m.t.ident(), w, strings.Join(keyT, ", "), arg,
+			strings.Join(sel, ", "), m.t.ident(), w, strings.Join(keyT, ", "), len(args)+1,
 			m.shadowIdent(), strings.Join(p.InsertCols, ", "), strings.Join(out, ", "),
-			strings.Join(lastK, ", "), strings.Join(descK, ", "))
+			strings.Join(lastK, ", "), strings.Join(descK, ", ")), args
 	}
 	lo := r.lo
-	withHi := r.hi != nil
 	for batch := 1; ; batch++ {
 		if err := m.hold(ctx); err != nil {
 			return err
 		}
 		size := m.batchSize()
-		args := []any{}
-		for _, v := range lo {
-			args = append(args, v)
-		}
-		if withHi {
-			for _, v := range r.hi {
-				args = append(args, v)
-			}
-		}
+		sql, args := build(lo, r.hi)
 		args = append(args, size)
-		sql := build(lo != nil, withHi)
 		if m.opts.ShowQueries != nil {
 			m.opts.ShowQueries(sql)
 		}
@@ -241,4 +210,30 @@ SELECT count(*) OVER (), ARRAY[%s] FROM src ORDER BY %s LIMIT 1`,
 		}
 		lo = last
 	}
+}
+
+// rangeCond renders " WHERE (keys) > (lo) AND (keys) <= (hi)" for a key
+// range (nil bound = unbounded) with the bounds as parameters $1...
+func rangeCond(keys, types, lo, hi []string) (string, []any) {
+	keyRow := "(" + strings.Join(keys, ", ") + ")"
+	var where []string
+	var args []any
+	bound := func(op string, vals []string) {
+		s := make([]string, len(vals))
+		for i, v := range vals {
+			args = append(args, v)
+			s[i] = fmt.Sprintf("$%d::%s", len(args), types[i])
+		}
+		where = append(where, keyRow+" "+op+" ("+strings.Join(s, ", ")+")")
+	}
+	if lo != nil {
+		bound(">", lo)
+	}
+	if hi != nil {
+		bound("<=", hi)
+	}
+	if len(where) == 0 {
+		return "", nil
+	}
+	return " WHERE " + strings.Join(where, " AND "), args
 }

@@ -182,3 +182,7 @@ func opts(cmd string) replicate.Options {
 func (e *env) run(o replicate.Options) error {
 	return replicate.Run(context.Background(), e.pool, o, replicate.NopReporter{}, nil)
 }
+
+func runWith(e *env, o replicate.Options, rep replicate.Reporter) error {
+	return replicate.Run(context.Background(), e.pool, o, rep, nil)
+}

@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 )
 
 // Capture methods.
@@ -41,6 +43,14 @@ type Options struct {
 	// the same command (copy resumes from the checkpoint, finished indexes
 	// are kept). --continue-create-indexes and --continue-switch-table map here.
 	Continue bool
+
+	// Verify proves the shadow equal to the transformed original before the
+	// switch (phase verify), recopying ranges that differ.
+	Verify bool
+
+	// TestHook, when set, is called at named points of a run (tests use it to
+	// corrupt a shadow row or to crash at a precise moment).
+	TestHook func(ctx context.Context, point string, tx pgx.Tx) error
 
 	// ShowQueries, when set, receives every SQL statement the engine runs.
 	ShowQueries func(sql string)
@@ -90,6 +100,7 @@ const (
 	PhaseIndex    = "index"
 	PhaseAnalyze  = "analyze"
 	PhaseCatchup  = "catchup"
+	PhaseVerify   = "verify"
 	PhaseSwitch   = "switch"
 	PhaseValidate = "validate"
 )

@@ -129,6 +129,12 @@ func (m *migration) phases(ctx context.Context, resumed bool) error {
 	if err := m.catchup(ctx); err != nil {
 		return fmt.Errorf("catchup: %w", err)
 	}
+	if m.opts.Verify {
+		m.setPhase(ctx, PhaseVerify)
+		if err := m.verify(ctx); err != nil {
+			return err
+		}
+	}
 	if m.opts.StopBeforeSwitch {
 		m.event(ctx, PhaseCatchup, "stopped before the switch as asked; continue the run to switch")
 		return nil

@@ -24,7 +24,7 @@ import (
 const usage = `usage: pg_tat [--help] [-c COMMAND] [-h HOST] [-d DBNAME] [-U USER] [-W PASSWORD] [-p PORT] [--work-mem WORK_MEM] [--maintenance-work-mem MAINTENANCE_WORK_MEM]
               [--max-parallel-maintenance-workers MAX_PARALLEL_MAINTENANCE_WORKERS] [--copy-data-jobs COPY_DATA_JOBS] [--create-index-jobs CREATE_INDEX_JOBS] [--cleanup] [--continue-create-indexes]
               [--no-switch-table] [--continue-switch-table] [--lock-timeout LOCK_TIMEOUT] [--time-between-locks TIME_BETWEEN_LOCKS] [--min-delta-rows MIN_DELTA_ROWS] [--skip-fk-validation]
-              [--show-queries] [--batch-size BATCH_SIZE] [--capture {trigger,logical}] [--install]
+              [--show-queries] [--batch-size BATCH_SIZE] [--capture {trigger,logical}] [--verify] [--install]
 
 PostgreSQL tool for alter table without locks.
 
@@ -55,6 +55,7 @@ options:
  --show-queries        print every SQL statement
  --batch-size BATCH_SIZE                  rows per copy batch (default 10000)
  --capture CAPTURE     trigger (default) or logical
+ --verify              before the switch, prove the shadow equals the transformed table
  --install             install or upgrade schema tat (for the tatd sidecar) and exit
 `
 
@@ -69,7 +70,7 @@ type cli struct {
 	cleanup, continueIdx, noSwitch, contSwitch  bool
 	lockTimeout, betweenLocks                   string
 	minDelta                                    int64
-	skipFK, showQueries, help, install          bool
+	skipFK, showQueries, help, install, verify  bool
 	capture                                     string
 }
 
@@ -106,6 +107,7 @@ func parse(args []string, stderr io.Writer) (*cli, error) {
 	fs.IntVar(&c.batch, "batch-size", d.BatchSize, "")
 	fs.BoolVar(&c.help, "help", false, "")
 	fs.BoolVar(&c.install, "install", false, "")
+	fs.BoolVar(&c.verify, "verify", false, "")
 	str(&c.capture, d.Capture, "capture")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
@@ -126,6 +128,7 @@ func (c *cli) options() (replicate.Options, error) {
 	o.WorkMem, o.MaintenanceWorkMem = c.workMem, c.maintenanceWorkMem
 	o.MaxParallelMaintenanceWorkers = c.maxParallel
 	o.SkipFKValidation = c.skipFK
+	o.Verify = c.verify
 	o.Continue = c.continueIdx || c.contSwitch
 	o.StopBeforeSwitch = c.noSwitch
 	var err error
