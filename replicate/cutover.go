@@ -139,10 +139,13 @@ func (m *migration) swap(ctx context.Context, tx pgx.Tx) (*dependents, error) {
 	if err := run("re-create dependents", d.after); err != nil {
 		return nil, err
 	}
+	if err := m.hook(ctx, tx, PhaseSwitch); err != nil {
+		return nil, err
+	}
 	if err := run("drop capture", []string{
 		"DROP TABLE " + m.deltaIdent(),
 		"DROP TABLE " + m.stateIdent(),
-		"DROP FUNCTION " + captureFunc(p) + "()",
+		"DROP FUNCTION IF EXISTS " + captureFunc(p) + "()", // trigger capture only
 	}); err != nil {
 		return nil, err
 	}
