@@ -99,7 +99,7 @@ END $f$`, captureFunc(p), delta, delta, kcols, strings.Join(newVals, ", "),
 	}
 	// ENABLE ALWAYS: changes applied by a logical replication subscriber
 	// (session_replication_role = replica) must be captured too.
-	return m.withLockRetries(ctx, func(ctx context.Context, tx pgx.Tx) error {
+	return m.withLockRetries(ctx, m.pool, func(ctx context.Context, tx pgx.Tx) error {
 		for _, s := range []string{
 			fmt.Sprintf("CREATE TRIGGER %s AFTER INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW EXECUTE FUNCTION %s()", qi(triggerName), m.t.ident(), captureFunc(p)),
 			fmt.Sprintf("CREATE TRIGGER %s AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION %s()", qi(truncTriggerName), m.t.ident(), captureFunc(p)),
@@ -133,13 +133,13 @@ func isLockTimeout(err error) bool {
 // again with a longer timeout (up to 4x the first), so that sessions queued
 // behind our lock request never wait long, and retries do not synchronise
 // with a periodic blocker.
-func (m *migration) withLockRetries(ctx context.Context, fn func(context.Context, pgx.Tx) error, between func(context.Context) error) error {
+func (m *migration) withLockRetries(ctx context.Context, db *pgxpool.Pool, fn func(context.Context, pgx.Tx) error, between func(context.Context) error) error {
 	timeout := m.lockTimeout()
 	for attempt := 1; ; attempt++ {
 		if err := m.hold(ctx); err != nil {
 			return err
 		}
-		err := m.lockedTx(ctx, timeout, fn)
+		err := m.lockedTx(ctx, db, timeout, fn)
 		if err == nil {
 			return nil
 		}
@@ -172,8 +172,8 @@ func (m *migration) withLockRetries(ctx context.Context, fn func(context.Context
 	}
 }
 
-func (m *migration) lockedTx(ctx context.Context, timeout time.Duration, fn func(context.Context, pgx.Tx) error) error {
-	tx, err := m.pool.Begin(ctx)
+func (m *migration) lockedTx(ctx context.Context, db *pgxpool.Pool, timeout time.Duration, fn func(context.Context, pgx.Tx) error) error {
+	tx, err := db.Begin(ctx)
 	if err != nil {
 		return err
 	}
@@ -203,7 +203,7 @@ func (m *migration) dropShadow(ctx context.Context) error {
 	if m.t == nil || m.t.OID == 0 {
 		return nil
 	}
-	return cleanup(ctx, m.pool, m.t.Schema, m.t.Name, m)
+	return cleanup(ctx, m.admin, m.t.Schema, m.t.Name, m)
 }
 
 // Cleanup drops every leftover of an earlier run on table (shadow, delta,
@@ -215,7 +215,7 @@ func Cleanup(ctx context.Context, pool *pgxpool.Pool, tableName string) error {
 	if err != nil {
 		return fmt.Errorf("cleanup: table %s: %w", tableName, err)
 	}
-	m := &migration{pool: pool, opts: DefaultOptions(), rep: NopReporter{}}
+	m := &migration{pool: pool, admin: pool, opts: DefaultOptions(), rep: NopReporter{}}
 	m.cmd = &Command{Schema: schema, Table: name}
 	return cleanup(ctx, pool, schema, name, m)
 }
@@ -228,7 +228,7 @@ func cleanup(ctx context.Context, pool *pgxpool.Pool, schema, name string, m *mi
 		return fmt.Errorf("cleanup %s: %w", tbl, err)
 	}
 	if hasTrig {
-		err := m.withLockRetries(ctx, func(ctx context.Context, tx pgx.Tx) error {
+		err := m.withLockRetries(ctx, pool, func(ctx context.Context, tx pgx.Tx) error {
 			for _, tg := range []string{triggerName, truncTriggerName} {
 				if _, err := m.exec(ctx, tx, "DROP TRIGGER IF EXISTS "+qi(tg)+" ON "+tbl); err != nil {
 					return err
@@ -239,6 +239,9 @@ func cleanup(ctx context.Context, pool *pgxpool.Pool, schema, name string, m *mi
 		if err != nil {
 			return fmt.Errorf("cleanup %s: drop capture trigger: %w", tbl, err)
 		}
+	}
+	if err := cleanupLogical(ctx, m, pool, schema, name); err != nil {
+		return fmt.Errorf("cleanup %s: %w", tbl, err)
 	}
 	p := &plan{Schema: schema, Table: name}
 	for _, s := range []string{

@@ -23,7 +23,7 @@ import (
 // catches up, and tries again.
 func (m *migration) cutover(ctx context.Context) error {
 	var deps *dependents
-	err := m.withLockRetries(ctx, func(ctx context.Context, tx pgx.Tx) error {
+	err := m.withLockRetries(ctx, m.admin, func(ctx context.Context, tx pgx.Tx) error {
 		if err := m.waitForBlockers(ctx); err != nil {
 			return err
 		}
@@ -156,7 +156,7 @@ func (m *migration) swap(ctx context.Context, tx pgx.Tx) (*dependents, error) {
 // takes SHARE UPDATE EXCLUSIVE, which does not block reads or writes.
 func (m *migration) validate(ctx context.Context) error {
 	for _, s := range m.validations {
-		err := m.withLockRetries(ctx, func(ctx context.Context, tx pgx.Tx) error {
+		err := m.withLockRetries(ctx, m.admin, func(ctx context.Context, tx pgx.Tx) error {
 			_, err := m.exec(ctx, tx, s)
 			return err
 		}, nil)

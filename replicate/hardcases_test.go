@@ -3,6 +3,7 @@ package replicate_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -259,5 +260,29 @@ func TestConcurrentDDL(t *testing.T) {
 				t.Fatalf("switched anyway: id is %s", got)
 			}
 		})
+	}
+}
+
+// The command, the copy and the index builds run as the table's owner,
+// never with the sidecar's (superuser) privileges.
+func TestRunsAsOwner(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	role := fmt.Sprintf("tat_owner_%d", time.Now().UnixNano())
+	e.exec("create role " + role)
+	t.Cleanup(func() { e.pool.Exec(t.Context(), "drop owned by "+role+" cascade; drop role "+role) })
+	e.exec(fmt.Sprintf(`grant create on schema public to %[1]s;
+		create table owned (id int primary key, who text);
+		insert into owned select g, 'x' from generate_series(1, 500) g;
+		alter table owned owner to %[1]s;
+		create function whoami() returns text language sql as 'select current_user::text'`, role))
+	if err := e.run(opts("alter table owned alter column who type text using whoami() || ''")); err != nil {
+		t.Fatal(err)
+	}
+	if got := e.str("select string_agg(distinct who, ',') from owned"); got != role {
+		t.Fatalf("the copy ran as %s, not as the owner %s", got, role)
+	}
+	if got := e.str("select pg_get_userbyid(relowner) from pg_class where relname = 'owned'"); got != role {
+		t.Fatalf("owner is %s", got)
 	}
 }

@@ -115,6 +115,9 @@ func (m *migration) buildIndex(ctx context.Context, si shadowIndex) error {
 		if err := m.sessionSettings(ctx, tx); err != nil {
 			return err
 		}
+		if _, err := tx.Exec(ctx, pinnedPath); err != nil {
+			return err
+		}
 		if _, err := m.exec(ctx, tx, si.CreateSQL); err != nil {
 			return fmt.Errorf("build index %s: %w", si.Final, err)
 		}

@@ -20,13 +20,17 @@ import (
 
 // migration is the state of one run.
 type migration struct {
-	pool *pgxpool.Pool
-	opts Options
-	rep  Reporter
-	ctl  Control
-	cmd  *Command
-	t    *table
-	plan *plan
+	// pool runs everything that touches the table's data and the shadow,
+	// as the table's owner (see asOwner); admin is the caller's pool, used
+	// for the cut-over (dependents of other owners) and cleanup.
+	pool  *pgxpool.Pool
+	admin *pgxpool.Pool
+	opts  Options
+	rep   Reporter
+	ctl   Control
+	cmd   *Command
+	t     *table
+	plan  *plan
 
 	validations []string // VALIDATE CONSTRAINT statements left by the switch
 	swapped     bool
@@ -56,7 +60,7 @@ func Run(ctx context.Context, pool *pgxpool.Pool, opts Options, rep Reporter, ct
 	if err != nil {
 		return err
 	}
-	m := &migration{pool: pool, opts: opts, rep: rep, ctl: ctl, cmd: cmd}
+	m := &migration{pool: pool, admin: pool, opts: opts, rep: rep, ctl: ctl, cmd: cmd}
 	return m.run(ctx)
 }
 
@@ -65,6 +69,11 @@ func (m *migration) run(ctx context.Context) error {
 	if err := m.check(ctx); err != nil {
 		return err
 	}
+	closeOwner, err := m.asOwner(ctx)
+	if err != nil {
+		return err
+	}
+	defer closeOwner()
 	if !m.cmd.NeedsRewrite() {
 		return m.runDirect(ctx)
 	}
@@ -122,7 +131,10 @@ func (m *migration) phases(ctx context.Context, resumed bool) error {
 		return fmt.Errorf("index: %w", err)
 	}
 	m.setPhase(ctx, PhaseAnalyze)
-	if _, err := m.exec(ctx, m.pool, "ANALYZE "+m.shadowIdent()); err != nil {
+	if err := pgx.BeginFunc(ctx, m.pool, func(tx pgx.Tx) error {
+		_, err := m.exec(ctx, tx, pinnedPath+"; ANALYZE "+m.shadowIdent())
+		return err
+	}); err != nil {
 		return fmt.Errorf("analyze: %w", err)
 	}
 	m.setPhase(ctx, PhaseCatchup)
@@ -199,6 +211,11 @@ func (m *migration) check(ctx context.Context) error {
 			return fmt.Errorf("%w: materialized view(s) %s depend on %s; drop them first (re-creating them would hold the lock for a full refresh)", ErrBadCommand, mv, m.tableRef())
 		}
 	}
+	if m.opts.Capture == CaptureLogical && m.cmd.NeedsRewrite() {
+		if err := m.logicalPreflight(ctx, tx); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 
@@ -236,6 +253,17 @@ func (m *migration) resume(ctx context.Context) (bool, error) {
 	if p.Command != m.cmd.Text || p.TableID != m.t.OID {
 		return false, fmt.Errorf("%w: the earlier run was for %q, not this command", ErrBadCommand, p.Command)
 	}
+	if p.Capture == CaptureLogical || m.opts.Capture == CaptureLogical {
+		// A logical-capture stream cannot be resumed: its temporary slot
+		// ended with the earlier run, and the changes since are not
+		// recorded anywhere (nor can a trigger-capture delta be continued
+		// by a stream). Start over.
+		m.event(ctx, PhasePrepare, "the earlier run cannot be continued with logical capture (its temporary slot ended with it): starting over")
+		if err := cleanup(ctx, m.pool, m.t.Schema, m.t.Name, m); err != nil {
+			return false, err
+		}
+		return false, nil
+	}
 	m.plan = p
 	var copied int64
 	_ = m.pool.QueryRow(ctx, "select coalesce(sum(rows), 0)::bigint from "+m.stateIdent()).Scan(&copied)
@@ -248,7 +276,7 @@ func (m *migration) resume(ctx context.Context) (bool, error) {
 func (m *migration) runDirect(ctx context.Context) error {
 	m.event(ctx, PhasePrepare, "the command needs no table rewrite: running it directly under a short lock")
 	m.setPhase(ctx, PhaseSwitch)
-	return m.withLockRetries(ctx, func(ctx context.Context, tx pgx.Tx) error {
+	return m.withLockRetries(ctx, m.pool, func(ctx context.Context, tx pgx.Tx) error {
 		_, err := m.exec(ctx, tx, m.cmd.Text)
 		return err
 	}, nil)
