@@ -5,7 +5,7 @@ GO ?= go
 PG_BIN ?= $(lastword $(sort $(wildcard /usr/lib/postgresql/*/bin)))
 TEST_TIMEOUT ?= 30m
 
-.PHONY: all build test test-short lint demo bench deps clean
+.PHONY: all build test test-short lint fuzz demo bench deps clean
 
 all: build
 
@@ -31,6 +31,12 @@ test-short: deps
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+
+# fuzz runs the parser/rewriter fuzzer (no crash; a rewritten command only
+# ever targets the shadow).
+FUZZTIME ?= 60s
+fuzz:
+	$(GO) test -run '^$$' -fuzz FuzzParseCommand -fuzztime $(FUZZTIME) ./replicate/
 
 # demo starts a throwaway PostgreSQL, installs schema tat, starts tatd and
 # prints the psql line; Ctrl-C stops everything.
