@@ -2,20 +2,856 @@ package replicate
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
 
+	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgconn/ctxwatch"
+	"github.com/jackc/pgx/v5/pgproto3"
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
-// logicalCapture is capture => 'logical' (not implemented yet).
-type logicalCapture struct{ m *migration }
+// Logical capture (capture => 'logical') reads the original's changes from
+// WAL instead of from a trigger: no trigger on the hot table, and no extra
+// WAL per write.
+//
+//	start   publication "T__tat_pub" FOR TABLE T; a replication connection;
+//	        CREATE_REPLICATION_SLOT tat_<db oid>_<table oid> TEMPORARY LOGICAL
+//	        pgoutput EXPORT_SNAPSHOT. Every copy batch imports that snapshot
+//	        (copy.go), so the copy sees exactly what precedes the slot's
+//	        consistent point and the stream exactly what follows it.
+//	copied  START_REPLICATION from the consistent point (pgoutput proto 1,
+//	        messages on); one goroutine decodes the stream and inserts the
+//	        keys of changed rows into T__tat_delta, like the trigger does.
+//	sync    (cut-over, lock held) pg_logical_emit_message(false, 'pg_tat',
+//	        <token>) and wait until the goroutine has decoded up to it and
+//	        committed the delta rows before it: every change committed
+//	        before the lock is then in the delta.
+//	stop    stop the goroutine, close the connections, drop the publication,
+//	        make sure the slot is gone.
+//
+// What goes into the delta: op 'U' with the new key for INSERT and UPDATE,
+// op 'D' with the old key for DELETE and for the old key of an UPDATE that
+// changed the key, op 'T' (keys NULL) for a TRUNCATE of the original; the
+// applier (catchup.go) then empties the shadow and replays later keys, so a
+// TRUNCATE is handled, not refused. Only keys: the applier re-reads the
+// current row from the original, so values never come from the stream, and
+// unchanged TOAST columns (sent as 'u' by pgoutput) are never written as
+// NULL — they are simply not looked at.
+//
+// The delta is made UNLOGGED under logical capture: it is not decoded (no
+// feedback loop, no extra WAL per captured change) and is not published by
+// FOR ALL TABLES / TABLES IN SCHEMA publications. It need not survive a
+// server crash: such a crash also ends the temporary slot, and the run then
+// starts over.
+//
+// Slot life cycle: the slot is TEMPORARY. It vanishes with the replication
+// connection, so neither a crash of tatd nor a lost connection can orphan a
+// slot that retains WAL forever. The price: a run interrupted after start
+// cannot resume its stream; a continued run of a logical-capture plan starts
+// over (resume() in runner.go drops the leftovers and prepares again).
+//
+// LSN confirmation: the flush position sent in standby status updates is
+// the end of the last transaction whose keys are committed in the delta (or,
+// when idle with nothing buffered, the server's reported WAL end), so WAL is
+// released while the migration progresses and nothing unapplied is ever
+// confirmed.
+//
+// Publications FOR ALL TABLES (or TABLES IN SCHEMA) elsewhere on the server
+// also publish the shadow table T__tat_new; their subscribers need a table of
+// that name or their apply stops with an error. The delta is unlogged and so
+// never published. start() names such publications in an event (a warning);
+// it does not refuse, since the same is true of trigger capture.
+//
+// Preflight (logicalPreflight, called from check() before anything is
+// created) refuses, wrapped in ErrBadCommand: server older than 14 (no
+// pgoutput messages option for the cut-over marker), wal_level <> logical,
+// no free replication slot or WAL sender, a role without REPLICATION, an
+// unlogged original (not decoded), a replica identity that does not carry
+// the key (NOTHING, DEFAULT without primary key, USING INDEX / DEFAULT on
+// other columns than the key: deletes would arrive without the key, and the
+// publication would make the application's UPDATE/DELETE fail), and a
+// generated key column (pgoutput does not send generated columns).
+
+const (
+	logicalMsgPrefix   = "pg_tat"
+	logicalFlushRows   = 5000                   // flush the key buffer at this size
+	logicalWake        = 100 * time.Millisecond // flush and status at least this often
+	logicalStatusEvery = 2 * time.Second        // standby status when nothing changed
+	logicalSyncTimeout = 30 * time.Second       // cut-over wait for the marker
+	logicalSlotGone    = 10 * time.Second       // stop: wait for the temporary slot to go
+)
+
+// logicalSlotName is the slot of the run on table oid in database db:
+// lowercase [a-z0-9_], well under 63 bytes, unique on the cluster.
+func logicalSlotName(db, oid uint32) string { return fmt.Sprintf("tat_%d_%d", db, oid) }
+
+func logicalPubName(table string) string { return shadowName(table, "__tat_pub") }
+
+// logicalCapture is capture => 'logical'.
+type logicalCapture struct {
+	m        *migration
+	slot     string
+	pub      string
+	version  int
+	repl     *pgconn.PgConn // replication connection (walsender)
+	data     *pgx.Conn      // the goroutine's own connection for delta inserts
+	startLSN pglogrepl.LSN
+	insert   string // INSERT INTO delta ... FROM unnest(...)
+
+	cancel context.CancelFunc
+	done   chan struct{} // closed when the goroutine has ended
+
+	mu      sync.Mutex
+	markers map[string]bool // cut-over markers decoded (and flushed before)
+	notify  chan struct{}   // closed and replaced when a marker is decoded or the stream ends
+	ended   bool
+	err     error // why the stream ended
+
+	pendingMarkers atomic.Int64  // markers emitted, not yet decoded: force a WAL flush
+	markerSeq      atomic.Int64  // for unique marker tokens
+	acked          atomic.Uint64 // confirmed flush LSN
+	walEnd         atomic.Uint64 // server WAL end seen in the stream
+	streaming      atomic.Bool
+	stopped        atomic.Bool
+
+	lagMu sync.Mutex
+	lagAt time.Time
+	lag   int64
+}
 
 func newLogicalCapture(m *migration) capture { return &logicalCapture{m: m} }
 
-func (c *logicalCapture) start(context.Context) (string, error) {
-	return "", fmt.Errorf("%w: capture 'logical' is not available yet; use 'trigger'", ErrBadCommand)
+// logicalPreflight refuses logical capture, before anything is created, when
+// the server, the engine's role or the table cannot support it.
+func (m *migration) logicalPreflight(ctx context.Context, db execer) error {
+	bad := func(format string, a ...any) error {
+		return fmt.Errorf("%w: capture 'logical': %s", ErrBadCommand, fmt.Sprintf(format, a...))
+	}
+	var (
+		version, freeSlots, freeSenders int
+		walLevel, role                  string
+		canReplicate, canPublish        bool
+	)
+	rows, err := db.Query(ctx, `select current_setting('server_version_num')::int, current_setting('wal_level'),
+		session_user::text, coalesce((select rolsuper or rolreplication from pg_roles where rolname = session_user), false),
+		current_setting('max_replication_slots')::int - (select count(*) from pg_replication_slots)::int,
+		current_setting('max_wal_senders')::int - (select count(*) from pg_stat_activity where backend_type = 'walsender')::int,
+		has_database_privilege(current_database(), 'CREATE')`)
+	if err == nil {
+		_, err = pgx.ForEachRow(rows, []any{&version, &walLevel, &role, &canReplicate, &freeSlots, &freeSenders, &canPublish}, func() error { return nil })
+	}
+	if err != nil {
+		return fmt.Errorf("%w: capture 'logical': preflight: %v", ErrBadCommand, err)
+	}
+	switch {
+	case version < 140000:
+		return bad("needs PostgreSQL 14 or later (server is %d); use capture 'trigger'", version)
+	case walLevel != "logical":
+		return bad("wal_level is %q, it must be 'logical' (ALTER SYSTEM SET wal_level = logical, then restart); or use capture 'trigger'", walLevel)
+	case !canReplicate:
+		return bad("role %s has neither REPLICATION nor SUPERUSER (ALTER ROLE %s REPLICATION); or use capture 'trigger'", role, qi(role))
+	case !canPublish:
+		return bad("role %s may not create a publication in this database (GRANT CREATE ON DATABASE)", role)
+	case freeSlots < 1:
+		return bad("no free replication slot (max_replication_slots is used up); drop an unused slot or raise max_replication_slots")
+	case freeSenders < 1:
+		return bad("no free WAL sender (max_wal_senders is used up); raise max_wal_senders")
+	}
+	if m.t.Persistence != "p" {
+		return bad("table %s is not WAL-logged (unlogged or temporary): its changes cannot be decoded; use capture 'trigger'", m.tableRef())
+	}
+	var ident string
+	var identCols, generated []string
+	rows, err = db.Query(ctx, `select c.relreplident::text,
+		coalesce((select array_agg(a.attname::text) from pg_index i
+		          join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
+		          where i.indrelid = c.oid and ((c.relreplident = 'd' and i.indisprimary) or (c.relreplident = 'i' and i.indisreplident))), '{}'),
+		coalesce((select array_agg(a.attname::text) from pg_attribute a
+		          where a.attrelid = c.oid and a.attname = any($2::text[]) and a.attgenerated <> ''), '{}')
+		from pg_class c where c.oid = $1`, m.t.OID, m.t.Key)
+	if err == nil {
+		_, err = pgx.ForEachRow(rows, []any{&ident, &identCols, &generated}, func() error { return nil })
+	}
+	if err != nil {
+		return fmt.Errorf("%w: capture 'logical': preflight: %v", ErrBadCommand, err)
+	}
+	if len(generated) > 0 {
+		return bad("key column(s) %s of %s are generated, and pgoutput does not send generated columns; use capture 'trigger'", strings.Join(generated, ", "), m.tableRef())
+	}
+	if ident != "f" {
+		have := map[string]bool{}
+		for _, c := range identCols {
+			have[c] = true
+		}
+		var missing []string
+		for _, k := range m.t.Key {
+			if !have[k] {
+				missing = append(missing, k)
+			}
+		}
+		if ident == "n" || len(identCols) == 0 || len(missing) > 0 {
+			return bad("the replica identity of %s does not carry its key (%s): deletes would reach the stream without it, "+
+				"and publishing the table would make UPDATE/DELETE fail; set REPLICA IDENTITY to the key (or FULL), or use capture 'trigger'",
+				m.tableRef(), strings.Join(m.t.Key, ", "))
+		}
+	}
+	return nil
 }
-func (c *logicalCapture) copied(context.Context) error       { return nil }
-func (c *logicalCapture) sync(context.Context, pgx.Tx) error { return nil }
-func (c *logicalCapture) stop(context.Context) error         { return nil }
-func (c *logicalCapture) lagBytes() int64                    { return 0 }
+
+func (c *logicalCapture) start(ctx context.Context) (string, error) {
+	m := c.m
+	var dbOID uint32
+	if err := m.pool.QueryRow(ctx, `select oid, current_setting('server_version_num')::int from pg_database where datname = current_database()`).Scan(&dbOID, &c.version); err != nil {
+		return "", fmt.Errorf("logical capture: %w", err)
+	}
+	c.slot = logicalSlotName(dbOID, m.t.OID)
+	c.pub = logicalPubName(m.t.Name)
+	c.acked.Store(0)
+
+	// The delta is written by the stream consumer only: unlogged, it adds
+	// no WAL, is not decoded again and is not published anywhere.
+	if _, err := m.exec(ctx, m.pool, "ALTER TABLE "+m.deltaIdent()+" SET UNLOGGED"); err != nil {
+		return "", fmt.Errorf("logical capture: %w", err)
+	}
+	var others string
+	if err := m.pool.QueryRow(ctx, `select coalesce(string_agg(distinct pubname, ', '), '') from pg_publication_tables
+		where schemaname = $1 and tablename = $2`, m.plan.Schema, m.plan.Shadow).Scan(&others); err != nil {
+		return "", fmt.Errorf("logical capture: %w", err)
+	}
+	if others != "" {
+		m.event(ctx, PhaseCapture, fmt.Sprintf("warning: publication(s) %s publish all tables (FOR ALL TABLES or TABLES IN SCHEMA), so they also "+
+			"publish the shadow table %s while it is loaded; their subscribers need a table of that name or their apply will stop with an error", others, m.plan.Shadow))
+	}
+	// The publication belongs to the engine's own role (m.admin), like the
+	// cut-over transaction that takes the table out of it and the cleanup
+	// that drops it; the data work runs as the table's owner (m.pool).
+	if err := dropLeftoverPublication(ctx, m, m.admin, c.pub, m.t.OID); err != nil {
+		return "", err
+	}
+	// The publication must exist before the slot: pgoutput looks it up as
+	// of the decoded change.
+	if _, err := m.exec(ctx, m.admin, "CREATE PUBLICATION "+qi(c.pub)+" FOR TABLE "+m.t.ident()); err != nil {
+		return "", fmt.Errorf("logical capture: create publication: %w", err)
+	}
+
+	cfg := m.admin.Config().ConnConfig.Config.Copy()
+	if cfg.RuntimeParams == nil {
+		cfg.RuntimeParams = map[string]string{}
+	}
+	cfg.RuntimeParams["replication"] = "database"
+	cfg.RuntimeParams["application_name"] = "pg_tat " + c.slot
+	cfg.BuildContextWatcherHandler = func(pc *pgconn.PgConn) ctxwatch.Handler {
+		return &pgconn.DeadlineContextWatcherHandler{Conn: pc.Conn()}
+	}
+	repl, err := pgconn.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return "", fmt.Errorf("logical capture: replication connection: %w", err)
+	}
+	c.repl = repl
+
+	// Slot creation waits until every transaction that has written (on the
+	// whole cluster) has ended. Say so when it takes a while.
+	waitDone := make(chan struct{})
+	go func() {
+		select {
+		case <-waitDone:
+			return
+		case <-time.After(2 * time.Second):
+		}
+		var pids []int32
+		qctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		_ = m.pool.QueryRow(qctx, `select coalesce(array_agg(pid order by pid), '{}') from pg_stat_activity
+			where backend_xid is not null and backend_type = 'client backend' and pid <> pg_backend_pid()`).Scan(&pids)
+		m.event(ctx, PhaseCapture, fmt.Sprintf("creating replication slot %s: waiting for open write transactions to end (sessions %v)", c.slot, pids))
+	}()
+	started := time.Now()
+	res, err := pglogrepl.CreateReplicationSlot(ctx, repl, c.slot, "pgoutput", pglogrepl.CreateReplicationSlotOptions{
+		Temporary: true, SnapshotAction: "EXPORT_SNAPSHOT", Mode: pglogrepl.LogicalReplication})
+	close(waitDone)
+	if err != nil {
+		return "", fmt.Errorf("logical capture: create replication slot %s: %w", c.slot, err)
+	}
+	lsn, err := pglogrepl.ParseLSN(res.ConsistentPoint)
+	if err != nil {
+		return "", fmt.Errorf("logical capture: slot consistent point %q: %w", res.ConsistentPoint, err)
+	}
+	c.startLSN = lsn
+	c.acked.Store(uint64(lsn))
+	m.event(ctx, PhaseCapture, fmt.Sprintf("replication slot %s created at %s in %s; the copy reads its snapshot",
+		c.slot, lsn, time.Since(started).Round(time.Millisecond)))
+	return res.SnapshotName, nil
+}
+
+// copied starts the stream: the exported snapshot is no longer needed.
+func (c *logicalCapture) copied(ctx context.Context) error {
+	m := c.m
+	if c.repl == nil {
+		return errors.New("logical capture was not started")
+	}
+	p := m.plan
+	cols, sel, params := []string{"op"}, []string{`u.op::"char"`}, []string{"$1::text[]"}
+	names := []string{"op"}
+	for i := range p.Key {
+		cols = append(cols, fmt.Sprintf("k%d", i+1))
+		sel = append(sel, fmt.Sprintf("u.k%d::%s", i+1, p.KeyTypes[i]))
+		params = append(params, fmt.Sprintf("$%d::text[]", i+2))
+		names = append(names, fmt.Sprintf("k%d", i+1))
+	}
+	c.insert = fmt.Sprintf("INSERT INTO %s (%s) SELECT %s FROM unnest(%s) WITH ORDINALITY AS u(%s, ord) ORDER BY u.ord",
+		m.deltaIdent(), strings.Join(cols, ", "), strings.Join(sel, ", "), strings.Join(params, ", "), strings.Join(names, ", "))
+
+	// The consumer's own connection (never one of the pool's: during the
+	// cut-over, writers queued behind the lock may hold them all), set up
+	// like the pool's sessions (SET ROLE to the table's owner).
+	data, err := pgx.ConnectConfig(ctx, m.pool.Config().ConnConfig.Copy())
+	if err != nil {
+		return fmt.Errorf("logical capture: connection for the delta: %w", err)
+	}
+	c.data = data
+	if ac := m.pool.Config().AfterConnect; ac != nil {
+		if err := ac(ctx, data); err != nil {
+			return fmt.Errorf("logical capture: connection for the delta: %w", err)
+		}
+	}
+	err = pglogrepl.StartReplication(ctx, c.repl, c.slot, c.startLSN, pglogrepl.StartReplicationOptions{
+		Mode:       pglogrepl.LogicalReplication,
+		PluginArgs: []string{"proto_version '1'", "publication_names " + quoteLiteral(qi(c.pub)), "messages 'true'"},
+	})
+	if err != nil {
+		return fmt.Errorf("logical capture: start replication: %w", err)
+	}
+	c.notify = make(chan struct{})
+	c.markers = map[string]bool{}
+	sctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	c.cancel = cancel
+	c.done = make(chan struct{})
+	c.streaming.Store(true)
+	go c.stream(sctx)
+	m.event(ctx, m.currentPhase(), fmt.Sprintf("streaming changes from slot %s", c.slot))
+	return nil
+}
+
+// stream runs the consumer until ctx ends or the stream fails.
+func (c *logicalCapture) stream(ctx context.Context) {
+	defer close(c.done)
+	err := c.consume(ctx)
+	c.mu.Lock()
+	c.ended, c.err = true, err
+	close(c.notify)
+	c.mu.Unlock()
+	if err != nil && ctx.Err() == nil {
+		c.m.event(context.WithoutCancel(ctx), c.m.currentPhase(), "logical capture stream failed: "+err.Error())
+	}
+}
+
+// keyBatch holds decoded keys not yet in the delta, in stream order.
+type keyBatch struct {
+	ops  []string
+	keys [][]*string // per key column
+}
+
+func (b *keyBatch) add(op string, key []string) {
+	b.ops = append(b.ops, op)
+	for i := range b.keys {
+		if key == nil {
+			b.keys[i] = append(b.keys[i], nil)
+		} else {
+			v := key[i]
+			b.keys[i] = append(b.keys[i], &v)
+		}
+	}
+}
+
+func (b *keyBatch) reset() {
+	b.ops = b.ops[:0]
+	for i := range b.keys {
+		b.keys[i] = b.keys[i][:0]
+	}
+}
+
+// decoder turns pgoutput messages of the original into delta keys.
+type decoder struct {
+	oid    uint32
+	key    []string // key column names on the original
+	keyIdx []int    // their positions in the last Relation message; nil until seen
+	batch  keyBatch
+	inTxn  bool
+	commit pglogrepl.LSN // end of the last decoded transaction
+	marker string        // a cut-over marker decoded in the last message
+	prefix string        // tokens of this run start with it
+}
+
+func (d *decoder) handle(walData []byte) error {
+	msg, err := pglogrepl.Parse(walData)
+	if err != nil {
+		return fmt.Errorf("decode pgoutput: %w", err)
+	}
+	switch msg := msg.(type) {
+	case *pglogrepl.BeginMessage:
+		d.inTxn = true
+	case *pglogrepl.CommitMessage:
+		d.inTxn = false
+		d.commit = msg.TransactionEndLSN
+	case *pglogrepl.RelationMessage:
+		// Relation messages repeat mid-stream: key by OID, never by name.
+		if msg.RelationID != d.oid {
+			return nil
+		}
+		idx := make([]int, len(d.key))
+		for i, k := range d.key {
+			idx[i] = -1
+			for j, col := range msg.Columns {
+				if col.Name == k {
+					idx[i] = j
+				}
+			}
+			if idx[i] < 0 {
+				return fmt.Errorf("key column %q of %s.%s is not in the stream: was the table altered during the migration?", k, msg.Namespace, msg.RelationName)
+			}
+		}
+		d.keyIdx = idx
+	case *pglogrepl.InsertMessage:
+		if msg.RelationID != d.oid {
+			return nil
+		}
+		k, err := d.tupleKey(msg.Tuple, nil)
+		if err != nil {
+			return fmt.Errorf("insert: %w", err)
+		}
+		d.batch.add("U", k)
+	case *pglogrepl.UpdateMessage:
+		if msg.RelationID != d.oid {
+			return nil
+		}
+		// The old key tuple ('K', or 'O' with REPLICA IDENTITY FULL) comes
+		// only when the identity columns changed; without it the key is
+		// the new tuple's. Unchanged TOASTed key values ('u') are taken
+		// from the old tuple.
+		k, err := d.tupleKey(msg.NewTuple, msg.OldTuple)
+		if err != nil {
+			return fmt.Errorf("update: %w", err)
+		}
+		d.batch.add("U", k)
+		if msg.OldTuple != nil {
+			old, err := d.tupleKey(msg.OldTuple, nil)
+			if err != nil {
+				return fmt.Errorf("update (old key): %w", err)
+			}
+			if !equalKeys(old, k) {
+				d.batch.add("D", old)
+			}
+		}
+	case *pglogrepl.DeleteMessage:
+		if msg.RelationID != d.oid {
+			return nil
+		}
+		old, err := d.tupleKey(msg.OldTuple, nil)
+		if err != nil {
+			return fmt.Errorf("delete: %w", err)
+		}
+		d.batch.add("D", old)
+	case *pglogrepl.TruncateMessage:
+		for _, id := range msg.RelationIDs {
+			if id == d.oid {
+				d.batch.add("T", nil)
+			}
+		}
+	case *pglogrepl.LogicalDecodingMessage:
+		if msg.Prefix == logicalMsgPrefix && strings.HasPrefix(string(msg.Content), d.prefix) {
+			d.marker = string(msg.Content)
+		}
+	}
+	return nil
+}
+
+// tupleKey reads the key columns of t (text format), falling back to alt
+// for unchanged TOASTed values.
+func (d *decoder) tupleKey(t, alt *pglogrepl.TupleData) ([]string, error) {
+	if d.keyIdx == nil {
+		return nil, errors.New("change before the relation's description")
+	}
+	if t == nil {
+		return nil, errors.New("no key in the change (replica identity changed during the migration?)")
+	}
+	k := make([]string, len(d.keyIdx))
+	for i, j := range d.keyIdx {
+		if j >= len(t.Columns) {
+			return nil, fmt.Errorf("key column %q missing from the tuple", d.key[i])
+		}
+		col := t.Columns[j]
+		if col.DataType == pglogrepl.TupleDataTypeToast && alt != nil && j < len(alt.Columns) {
+			col = alt.Columns[j]
+		}
+		switch col.DataType {
+		case pglogrepl.TupleDataTypeText:
+			k[i] = string(col.Data)
+		case pglogrepl.TupleDataTypeNull:
+			return nil, fmt.Errorf("key column %q arrived NULL (is it in the replica identity?)", d.key[i])
+		default:
+			return nil, fmt.Errorf("key column %q arrived as %q, not as text", d.key[i], col.DataType)
+		}
+	}
+	return k, nil
+}
+
+func equalKeys(a, b []string) bool {
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// consume is the stream loop. Reads use a read deadline on the socket, one
+// per wake-up (not a context per message); at each wake-up it flushes the
+// buffered keys, forces a WAL flush when a cut-over marker is pending, and
+// sends a standby status update.
+func (c *logicalCapture) consume(ctx context.Context) error {
+	m := c.m
+	d := &decoder{oid: m.t.OID, key: m.plan.Key, commit: c.startLSN, prefix: c.slot + "/"}
+	d.batch.keys = make([][]*string, len(d.key))
+	acked, sent := c.startLSN, pglogrepl.LSN(0)
+	lastStatus := time.Time{}
+	netConn := c.repl.Conn()
+	defer netConn.SetReadDeadline(time.Time{}) //nolint:errcheck
+
+	flush := func() error {
+		if len(d.batch.ops) > 0 {
+			args := []any{d.batch.ops}
+			for _, k := range d.batch.keys {
+				args = append(args, k)
+			}
+			if _, err := m.exec(ctx, c.data, c.insert, args...); err != nil {
+				return fmt.Errorf("insert keys into the delta: %w", err)
+			}
+			d.batch.reset()
+		}
+		// Everything up to the end of the last decoded transaction is now
+		// committed in the delta.
+		if d.commit > acked {
+			acked = d.commit
+			c.acked.Store(uint64(acked))
+		}
+		return nil
+	}
+	status := func() error {
+		lastStatus = time.Now()
+		return pglogrepl.SendStandbyStatusUpdate(ctx, c.repl, pglogrepl.StandbyStatusUpdate{WALWritePosition: acked})
+	}
+	for {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if err := netConn.SetReadDeadline(time.Now().Add(logicalWake)); err != nil {
+			return err
+		}
+		reply := false
+		for {
+			msg, err := c.repl.ReceiveMessage(context.Background())
+			if err != nil {
+				if pgconn.Timeout(err) {
+					break
+				}
+				return fmt.Errorf("receive: %w", err)
+			}
+			switch msg := msg.(type) {
+			case *pgproto3.CopyData:
+				if len(msg.Data) == 0 {
+					continue
+				}
+				switch msg.Data[0] {
+				case pglogrepl.PrimaryKeepaliveMessageByteID:
+					ka, err := pglogrepl.ParsePrimaryKeepaliveMessage(msg.Data[1:])
+					if err != nil {
+						return err
+					}
+					if uint64(ka.ServerWALEnd) > c.walEnd.Load() {
+						c.walEnd.Store(uint64(ka.ServerWALEnd))
+					}
+					// Idle, nothing buffered: all WAL the server has sent is
+					// consumed (transactions arrive whole, at commit).
+					if !d.inTxn && len(d.batch.ops) == 0 && ka.ServerWALEnd > d.commit {
+						d.commit = ka.ServerWALEnd
+					}
+					reply = reply || ka.ReplyRequested
+				case pglogrepl.XLogDataByteID:
+					x, err := pglogrepl.ParseXLogData(msg.Data[1:])
+					if err != nil {
+						return err
+					}
+					if uint64(x.ServerWALEnd) > c.walEnd.Load() {
+						c.walEnd.Store(uint64(x.ServerWALEnd))
+					}
+					if err := d.handle(x.WALData); err != nil {
+						return err
+					}
+					if d.marker != "" {
+						if err := flush(); err != nil {
+							return err
+						}
+						c.markerSeen(d.marker)
+						d.marker = ""
+						reply = true
+					} else if len(d.batch.ops) >= logicalFlushRows {
+						if err := flush(); err != nil {
+							return err
+						}
+					}
+				}
+			case *pgproto3.ErrorResponse:
+				return pgconn.ErrorResponseToPgError(msg)
+			case *pgproto3.CopyDone:
+				return errors.New("the server ended the replication stream")
+			}
+			if reply {
+				break
+			}
+		}
+		if err := flush(); err != nil {
+			return err
+		}
+		if c.pendingMarkers.Load() > 0 {
+			if err := c.flushWAL(ctx); err != nil {
+				return err
+			}
+		}
+		if reply || acked != sent || time.Since(lastStatus) >= logicalStatusEvery {
+			if err := status(); err != nil {
+				return fmt.Errorf("standby status: %w", err)
+			}
+			sent = acked
+		}
+	}
+}
+
+// flushWAL makes the server flush its WAL, so that a non-transactional
+// marker is decoded right away: a tiny transaction with an xid commits
+// synchronously (locally). PostgreSQL 17 flushes the marker itself.
+func (c *logicalCapture) flushWAL(ctx context.Context) error {
+	return pgx.BeginFunc(ctx, c.data, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, "SET LOCAL synchronous_commit = local"); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, "SELECT pg_current_xact_id()")
+		return err
+	})
+}
+
+func (c *logicalCapture) markerSeen(token string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.markers != nil {
+		c.markers[token] = true
+	}
+	if c.version < 170000 {
+		c.pendingMarkers.Add(-1)
+	}
+	close(c.notify)
+	c.notify = make(chan struct{})
+}
+
+// sync writes a marker into WAL and waits until the consumer has decoded
+// it and committed every key before it. It runs in the cut-over
+// transaction, after the lock: every transaction that changed the original
+// has committed before the marker, so its keys are in the delta on return
+// (committed by the consumer's connection; the cut-over transaction is READ
+// COMMITTED, so its next statement sees them). Then the original leaves the
+// publication (rolled back with the cut-over if it fails), so the swap does
+// not carry the membership over to the new table.
+func (c *logicalCapture) sync(ctx context.Context, tx pgx.Tx) error {
+	m := c.m
+	if c.done == nil {
+		return errors.New("logical capture is not streaming")
+	}
+	token := fmt.Sprintf("%s/%d/%d", c.slot, time.Now().UnixNano(), c.markerSeq.Add(1))
+	emit := "SELECT pg_logical_emit_message(false, $1, $2)"
+	if c.version >= 170000 {
+		emit = "SELECT pg_logical_emit_message(false, $1, $2, true)"
+	}
+	started := time.Now()
+	if _, err := m.exec(ctx, tx, emit, logicalMsgPrefix, token); err != nil {
+		return fmt.Errorf("emit cut-over marker: %w", err)
+	}
+	if c.version < 170000 {
+		c.pendingMarkers.Add(1)
+	}
+	timer := time.NewTimer(logicalSyncTimeout)
+	defer timer.Stop()
+	for {
+		c.mu.Lock()
+		seen, ended, serr, ch := c.markers[token], c.ended, c.err, c.notify
+		if seen {
+			delete(c.markers, token)
+		}
+		c.mu.Unlock()
+		if seen {
+			break
+		}
+		if ended {
+			return fmt.Errorf("the replication stream has ended: %w", serr)
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-timer.C:
+			return fmt.Errorf("the replication stream did not reach the cut-over marker within %s (%d bytes behind)", logicalSyncTimeout, c.lagBytes())
+		}
+	}
+	m.event(ctx, PhaseSwitch, fmt.Sprintf("stream consumed up to the cut-over marker in %s", time.Since(started).Round(time.Millisecond)))
+	if _, err := m.exec(ctx, tx, "ALTER PUBLICATION "+qi(c.pub)+" DROP TABLE "+m.t.ident()); err != nil {
+		return fmt.Errorf("leave publication: %w", err)
+	}
+	return nil
+}
+
+// stop ends the consumer, closes both connections (the temporary slot goes
+// with the replication connection), drops the publication and makes sure
+// the slot is gone. Stream errors are not returned: sync reports them when
+// they matter, and a run that did not switch starts over anyway.
+func (c *logicalCapture) stop(ctx context.Context) error {
+	m := c.m
+	c.stopped.Store(true)
+	if c.cancel != nil {
+		c.cancel()
+		<-c.done
+	}
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if c.data != nil {
+		_ = c.data.Close(cctx)
+		c.data = nil
+	}
+	if c.repl != nil {
+		_ = c.repl.Close(cctx)
+		c.repl = nil
+	}
+	c.streaming.Store(false)
+	var errs []error
+	if c.pub != "" {
+		if _, err := m.exec(ctx, m.admin, "DROP PUBLICATION IF EXISTS "+qi(c.pub)); err != nil {
+			errs = append(errs, fmt.Errorf("drop publication %s: %w", c.pub, err))
+		}
+	}
+	if c.slot != "" {
+		if err := waitSlotGone(ctx, m, m.admin, c.slot, logicalSlotGone); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// waitSlotGone waits for a temporary slot to be released by its ending
+// walsender, and drops it if it stays behind inactive.
+func waitSlotGone(ctx context.Context, m *migration, pool *pgxpool.Pool, slot string, wait time.Duration) error {
+	deadline := time.Now().Add(wait)
+	for {
+		var active *bool
+		err := pool.QueryRow(ctx, "select active from pg_replication_slots where slot_name = $1", slot).Scan(&active)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("look for slot %s: %w", slot, err)
+		}
+		if active != nil && !*active {
+			if _, err := m.exec(ctx, pool, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active", slot); err != nil {
+				return fmt.Errorf("drop slot %s: %w", slot, err)
+			}
+			continue
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("replication slot %s is still in use after %s", slot, wait)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// lagBytes is the WAL the slot has not confirmed yet: from the stream's own
+// positions while streaming, from pg_replication_slots before (at most one
+// query per second).
+func (c *logicalCapture) lagBytes() int64 {
+	if c.slot == "" || c.stopped.Load() {
+		return 0
+	}
+	if c.streaming.Load() {
+		end, acked := c.walEnd.Load(), c.acked.Load()
+		if end > acked {
+			return int64(end - acked)
+		}
+		return 0
+	}
+	c.lagMu.Lock()
+	defer c.lagMu.Unlock()
+	if time.Since(c.lagAt) < time.Second {
+		return c.lag
+	}
+	c.lagAt = time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	var lag *int64
+	if err := c.m.admin.QueryRow(ctx, `select pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint
+		from pg_replication_slots where slot_name = $1`, c.slot).Scan(&lag); err == nil && lag != nil {
+		c.lag = *lag
+	}
+	return c.lag
+}
+
+// dropLeftoverPublication drops the job publication name when it is a
+// leftover of an earlier run on table oid (it publishes that table or
+// nothing); a publication of that name for anything else is an error.
+func dropLeftoverPublication(ctx context.Context, m *migration, pool *pgxpool.Pool, name string, oid uint32) error {
+	var exists, ours bool
+	err := pool.QueryRow(ctx, `select true, not p.puballtables and not exists (
+			select 1 from pg_publication_rel r where r.prpubid = p.oid and r.prrelid <> $2)
+		from pg_publication p where p.pubname = $1`, name, oid).Scan(&exists, &ours)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("look for publication %s: %w", name, err)
+	}
+	if !ours {
+		return fmt.Errorf("publication %s exists and publishes other tables; it is not pg_tat's: rename it", name)
+	}
+	if _, err := m.exec(ctx, pool, "DROP PUBLICATION IF EXISTS "+qi(name)); err != nil {
+		return fmt.Errorf("drop leftover publication %s: %w", name, err)
+	}
+	return nil
+}
+
+// cleanupLogical drops what a crashed logical-capture run on schema.name
+// may have left: its publication and, when no walsender uses it any more,
+// its slot. Called by cleanup().
+func cleanupLogical(ctx context.Context, m *migration, pool *pgxpool.Pool, schema, name string) error {
+	var oid, db uint32
+	err := pool.QueryRow(ctx, `select c.oid, d.oid from pg_class c, pg_database d
+		where c.oid = to_regclass($1) and d.datname = current_database()`, ident(schema, name)).Scan(&oid, &db)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if err := dropLeftoverPublication(ctx, m, pool, logicalPubName(name), oid); err != nil {
+		return err
+	}
+	if _, err := m.exec(ctx, pool, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
+		logicalSlotName(db, oid)); err != nil {
+		return fmt.Errorf("drop leftover slot: %w", err)
+	}
+	return nil
+}

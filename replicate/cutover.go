@@ -116,16 +116,30 @@ func (m *migration) swap(ctx context.Context, tx pgx.Tx) (*dependents, error) {
 		return nil, err
 	}
 	tbl := ident(p.Schema, p.Table)
+	partIdx, err := m.partitionIndexNames(ctx, tx, tbl)
+	if err != nil {
+		return nil, err
+	}
 	stmts := []string{
 		"DROP TABLE " + tbl,
 		"ALTER TABLE " + m.shadowIdent() + " RENAME TO " + qi(p.Table),
 	}
+	for _, pt := range p.Partitions {
+		stmts = append(stmts, "ALTER TABLE "+ident(pt.Schema, partShadow(pt))+" RENAME TO "+qi(pt.Name))
+	}
 	for _, si := range p.Indexes {
 		if si.Final != si.Name {
-			stmts = append(stmts, "ALTER INDEX "+ident(p.Schema, si.Name)+" RENAME TO "+qi(si.Final))
+			schema := si.Schema
+			if schema == "" {
+				schema = p.Schema
+			}
+			stmts = append(stmts, "ALTER INDEX "+ident(schema, si.Name)+" RENAME TO "+qi(si.Final))
 		}
 	}
 	if err := run("swap", stmts); err != nil {
+		return nil, err
+	}
+	if err := m.renamePartitionIndexes(ctx, tx, tbl, partIdx); err != nil {
 		return nil, err
 	}
 	for _, is := range d.identity {
@@ -162,6 +176,62 @@ func (m *migration) validate(ctx context.Context) error {
 		}, nil)
 		if err != nil {
 			return fmt.Errorf("%s: %w", s, err)
+		}
+	}
+	return nil
+}
+
+// qPartitionIndexes lists, for every partition of $1, its indexes attached
+// to an index of its parent: (schema, partition, parent index, index).
+const qPartitionIndexes = `
+select n.nspname, pc.relname, pi.relname, ci.relname
+from pg_partition_tree($1::regclass) pt
+join pg_index x on x.indrelid = pt.relid
+join pg_class ci on ci.oid = x.indexrelid
+join pg_namespace n on n.oid = ci.relnamespace
+join pg_class pc on pc.oid = x.indrelid
+join pg_inherits h on h.inhrelid = ci.oid
+join pg_class pi on pi.oid = h.inhparent
+where pt.level > 0`
+
+// partitionIndexNames remembers the names of the original partitions'
+// indexes (PostgreSQL names them itself when a parent index is created).
+func (m *migration) partitionIndexNames(ctx context.Context, tx pgx.Tx, tbl string) (map[string]string, error) {
+	if len(m.plan.Partitions) == 0 {
+		return nil, nil
+	}
+	rows, err := m.q(ctx, tx, qPartitionIndexes, tbl)
+	if err != nil {
+		return nil, err
+	}
+	names := map[string]string{}
+	for _, r := range rows {
+		names[r[1]+"\x00"+r[2]] = r[3]
+	}
+	return names, nil
+}
+
+// renamePartitionIndexes gives the new partitions' indexes the original
+// names, level by level (a child's parent index is renamed first).
+func (m *migration) renamePartitionIndexes(ctx context.Context, tx pgx.Tx, tbl string, names map[string]string) error {
+	for level := 0; level <= len(m.plan.Partitions) && len(names) > 0; level++ {
+		rows, err := m.q(ctx, tx, qPartitionIndexes, tbl)
+		if err != nil {
+			return err
+		}
+		renamed := 0
+		for _, r := range rows {
+			want, ok := names[r[1]+"\x00"+r[2]]
+			if !ok || want == r[3] {
+				continue
+			}
+			if _, err := m.exec(ctx, tx, "ALTER INDEX "+ident(r[0], r[3])+" RENAME TO "+qi(want)); err != nil {
+				return fmt.Errorf("rename partition index %s: %w", r[3], err)
+			}
+			renamed++
+		}
+		if renamed == 0 {
+			break
 		}
 	}
 	return nil

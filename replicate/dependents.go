@@ -69,6 +69,27 @@ func (m *migration) readDependents(ctx context.Context, tx pgx.Tx) (*dependents,
 			d.after = append(d.after, grantStmt(r[1]+" ("+qi(nc)+")", "TABLE", tbl, r[0], r[2] == "true"))
 		}
 	}
+	// Partitions: owner, grants and comments of each.
+	for _, pt := range p.Partitions {
+		part := ident(pt.Schema, pt.Name)
+		rows, err := m.q(ctx, tx, `select pg_get_userbyid(relowner)::text, coalesce(relacl::text, ''),
+			coalesce(obj_description(oid, 'pg_class'), '') from pg_class where oid = $1`, pt.OID)
+		if err != nil || len(rows) == 0 {
+			return nil, fmt.Errorf("read partition %s: %v", pt.Name, err)
+		}
+		d.after = append(d.after, "ALTER TABLE "+part+" OWNER TO "+qi(rows[0][0]))
+		if rows[0][1] != "" {
+			g, err := m.grants(ctx, tx, "TABLE", part, rows[0][0], `select case when grantee = 0 then 'PUBLIC' else quote_ident(pg_get_userbyid(grantee)) end, privilege_type, is_grantable::text
+				from aclexplode((select relacl from pg_class where oid = $1))`, pt.OID)
+			if err != nil {
+				return nil, err
+			}
+			d.after = append(d.after, g...)
+		}
+		if rows[0][2] != "" {
+			d.after = append(d.after, "COMMENT ON TABLE "+part+" IS "+quoteLiteral(rows[0][2]))
+		}
+	}
 	// Comments: table, columns, indexes, constraints.
 	com, err := m.q(ctx, tx, `select 'TABLE', '', description from pg_description where objoid = $1 and classoid = 'pg_class'::regclass and objsubid = 0
 		union all select 'COLUMN', a.attname, d.description from pg_description d join pg_attribute a on a.attrelid = d.objoid and a.attnum = d.objsubid

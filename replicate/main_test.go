@@ -186,3 +186,5 @@ func (e *env) run(o replicate.Options) error {
 func runWith(e *env, o replicate.Options, rep replicate.Reporter) error {
 	return replicate.Run(context.Background(), e.pool, o, rep, nil)
 }
+
+func sprintf(format string, table string) string { return fmt.Sprintf(format, table) }

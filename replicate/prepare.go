@@ -41,10 +41,18 @@ type plan struct {
 	ReplIdent string            `json:"repl_ident"` // d, n, f or i
 	ReplIndex string            `json:"repl_index"` // shadow index name for i
 	Renames   map[string]string `json:"renames"`    // column renames of the command
+
+	// Partitions of a partitioned table, parents first; each has a shadow
+	// named shadowName(name, "__tat_new") in its own schema.
+	Partitions []partition `json:"partitions"`
 }
+
+func partShadow(pt partition) string { return shadowName(pt.Name, "__tat_new") }
 
 // shadowIndex is one index of the shadow, captured after the ALTER ran on it.
 type shadowIndex struct {
+	Schema     string `json:"schema"`     // of the index and its table
+	Table      string `json:"table"`      // the shadow (or a shadow partition) it is on
 	Name       string `json:"name"`       // name on the shadow
 	Final      string `json:"final"`      // name after the switch
 	CreateSQL  string `json:"create_sql"` // CREATE INDEX on the shadow
@@ -74,7 +82,7 @@ func (m *migration) prepare(ctx context.Context) error {
 		Shadow: shadowName(t.Name, "__tat_new"), Delta: shadowName(t.Name, "__tat_delta"),
 		State: shadowName(t.Name, "__tat_state"), Schema: t.Schema, Table: t.Name, TableID: t.OID,
 		Command: m.cmd.Text, Capture: m.opts.Capture, Fingerprint: t.Fingerprint, Key: t.Key, KeyTypes: t.KeyTypes, IndexMap: map[string]string{},
-		Renames: m.cmd.renames,
+		Renames: m.cmd.renames, Partitions: t.Partitions,
 	}
 	shadow := ident(p.Schema, p.Shadow)
 
@@ -109,6 +117,9 @@ func (m *migration) prepare(ctx context.Context) error {
 		create += "UNLOGGED "
 	}
 	create += "TABLE " + shadow + " (\n  " + strings.Join(defs, ",\n  ") + "\n)"
+	if t.Kind == "p" {
+		create += " PARTITION BY " + t.PartKey
+	}
 	if t.AccessMethod != "" && t.AccessMethod != "heap" {
 		create += " USING " + qi(t.AccessMethod)
 	}
@@ -123,6 +134,26 @@ func (m *migration) prepare(ctx context.Context) error {
 		create += " TABLESPACE " + qi(t.Tablespace)
 	}
 	stmts := []string{create}
+	// The partition tree, parents first, each partition with its own bound,
+	// persistence, storage parameters and tablespace.
+	for _, pt := range t.Partitions {
+		parent := ident(pt.ParentSchema, shadowName(pt.Parent, "__tat_new"))
+		s := "CREATE "
+		if pt.Persistence == "u" {
+			s += "UNLOGGED "
+		}
+		s += "TABLE " + ident(pt.Schema, partShadow(pt)) + " PARTITION OF " + parent + " " + pt.Bound
+		if pt.PartKey != "" {
+			s += " PARTITION BY " + pt.PartKey
+		}
+		if len(pt.RelOptions) > 0 && pt.PartKey == "" {
+			s += " WITH (" + relOptions(pt.RelOptions) + ")"
+		}
+		if pt.Tablespace != "" {
+			s += " TABLESPACE " + qi(pt.Tablespace)
+		}
+		stmts = append(stmts, s)
+	}
 	for _, c := range cols {
 		col := shadow + " ALTER COLUMN " + qi(c.Name)
 		if c.Storage != "" {
@@ -208,6 +239,30 @@ func (m *migration) prepare(ctx context.Context) error {
 			}
 		}
 	}
+	// Indexes that exist on one partition only (not attached to an index of
+	// the parent) are copied to that partition's shadow.
+	for _, pt := range t.Partitions {
+		idx, err := m.q(ctx, tx, `select ic.relname, i.indexrelid::text, pg_get_indexdef(i.indexrelid), coalesce(ts.spcname, '')
+			from pg_index i join pg_class ic on ic.oid = i.indexrelid
+			left join pg_tablespace ts on ts.oid = ic.reltablespace
+			where i.indrelid = $1 and i.indisvalid
+			  and not exists (select 1 from pg_inherits h where h.inhrelid = i.indexrelid)
+			  and not exists (select 1 from pg_constraint c where c.conindid = i.indexrelid)`, pt.OID)
+		if err != nil {
+			return err
+		}
+		for _, r := range idx {
+			tmp := truncName(r[0], 63-len("_tat")-len(r[1])) + "_tat" + r[1]
+			p.IndexMap[r[0]] = tmp
+			s, err := retargetIndex(r[2], tmp, pt.Schema, partShadow(pt), r[3])
+			if err != nil {
+				return err
+			}
+			if _, err := m.exec(ctx, tx, s); err != nil {
+				return fmt.Errorf("copy index %s of partition %s: %w", r[0], pt.Name, err)
+			}
+		}
+	}
 	// Outbound foreign keys, so that an ALTER naming them works; they are
 	// taken off again below and come back NOT VALID at the switch.
 	fks, err := m.q(ctx, tx, `select conname, pg_get_constraintdef(oid) from pg_constraint
@@ -258,14 +313,24 @@ func (m *migration) capturePlan(ctx context.Context, tx pgx.Tx, p *plan, origFKs
 		return err
 	}
 	defer tx.Exec(ctx, "reset search_path") //nolint:errcheck
+	tables := []string{shadow}
+	for _, pt := range p.Partitions {
+		tables = append(tables, ident(pt.Schema, partShadow(pt)))
+	}
+	// Top-level indexes only: those of partitions that are attached to a
+	// parent's index are built by the parent's.
 	rows, err := m.q(ctx, tx, `select ic.relname, pg_get_indexdef(i.indexrelid), coalesce(ts.spcname, ''),
 		coalesce(con.contype::text, ''), coalesce(con.conname, ''), coalesce(pg_get_constraintdef(con.oid), ''),
 		i.indisclustered::text, i.indisreplident::text,
-		coalesce(con.condeferrable, false)::text, coalesce(con.condeferred, false)::text
-		from pg_index i join pg_class ic on ic.oid = i.indexrelid
+		coalesce(con.condeferrable, false)::text, coalesce(con.condeferred, false)::text,
+		n.nspname, t.relname, t.relkind::text
+		from pg_index i join pg_class ic on ic.oid = i.indexrelid join pg_class t on t.oid = i.indrelid
+		join pg_namespace n on n.oid = t.relnamespace
 		left join pg_tablespace ts on ts.oid = ic.reltablespace
 		left join pg_constraint con on con.conindid = i.indexrelid and con.conrelid = i.indrelid and con.contype in ('p','u','x')
-		where i.indrelid = $1::regclass order by ic.relname`, shadow)
+		where i.indrelid = any($1::regclass[])
+		  and not exists (select 1 from pg_inherits h where h.inhrelid = i.indexrelid)
+		order by ic.relname`, tables)
 	if err != nil {
 		return err
 	}
@@ -281,7 +346,8 @@ func (m *migration) capturePlan(ctx context.Context, tx pgx.Tx, p *plan, origFKs
 	var drops []string
 	for _, r := range rows {
 		name, def, ts, contype, conname, condef := r[0], r[1], r[2], r[3], r[4], r[5]
-		si := shadowIndex{Name: name, Clustered: r[6] == "true", OrigName: orig[name]}
+		si := shadowIndex{Schema: r[10], Table: r[11], Name: name, Clustered: r[6] == "true", OrigName: orig[name]}
+		on := ident(si.Schema, si.Table)
 		si.Final = si.OrigName
 		if si.Final == "" {
 			si.Final = name
@@ -294,30 +360,36 @@ func (m *migration) capturePlan(ctx context.Context, tx pgx.Tx, p *plan, origFKs
 			p.ReplIndex = name
 		}
 		var err error
-		si.CreateSQL, err = retargetIndex(def, name, p.Schema, p.Shadow, ts)
+		si.CreateSQL, err = retargetIndex(def, name, si.Schema, si.Table, ts)
 		if err != nil {
 			return err
 		}
-		switch contype {
-		case "p", "u":
+		switch {
+		case (contype == "p" || contype == "u") && r[12] == "p":
+			// ADD CONSTRAINT ... USING INDEX is not supported on partitioned
+			// tables: the constraint builds its index on every partition.
+			si.Exclusion = true
+			si.Constraint = "ALTER TABLE " + on + " ADD CONSTRAINT " + qi(conname) + " " + condef
+			drops = append(drops, "ALTER TABLE "+on+" DROP CONSTRAINT "+qi(conname))
+		case contype == "p" || contype == "u":
 			kind := "PRIMARY KEY"
 			if contype == "u" {
 				kind = "UNIQUE"
 			}
-			si.Constraint = "ALTER TABLE " + shadow + " ADD CONSTRAINT " + qi(conname) + " " + kind + " USING INDEX " + qi(name)
+			si.Constraint = "ALTER TABLE " + on + " ADD CONSTRAINT " + qi(conname) + " " + kind + " USING INDEX " + qi(name)
 			if r[8] == "true" {
 				si.Constraint += " DEFERRABLE"
 				if r[9] == "true" {
 					si.Constraint += " INITIALLY DEFERRED"
 				}
 			}
-			drops = append(drops, "ALTER TABLE "+shadow+" DROP CONSTRAINT "+qi(conname))
-		case "x":
+			drops = append(drops, "ALTER TABLE "+on+" DROP CONSTRAINT "+qi(conname))
+		case contype == "x":
 			si.Exclusion = true
-			si.Constraint = "ALTER TABLE " + shadow + " ADD CONSTRAINT " + qi(conname) + " " + condef
-			drops = append(drops, "ALTER TABLE "+shadow+" DROP CONSTRAINT "+qi(conname))
+			si.Constraint = "ALTER TABLE " + on + " ADD CONSTRAINT " + qi(conname) + " " + condef
+			drops = append(drops, "ALTER TABLE "+on+" DROP CONSTRAINT "+qi(conname))
 		default:
-			drops = append(drops, "DROP INDEX "+ident(p.Schema, name))
+			drops = append(drops, "DROP INDEX "+ident(si.Schema, name))
 		}
 		p.Indexes = append(p.Indexes, si)
 	}
@@ -415,6 +487,8 @@ func retargetIndex(def, name, schema, table, tablespace string) (string, error) 
 	}
 	st.Idxname = name
 	st.Relation.Schemaname, st.Relation.Relname = schema, table
+	// A partitioned index prints as ON ONLY; build it on every partition.
+	st.Relation.Inh = true
 	st.TableSpace = tablespace
 	out, err := pg_query.Deparse(tree)
 	if err != nil {

@@ -37,7 +37,38 @@ type table struct {
 	KeyTypes     []string
 	EstRows      int64
 	Fingerprint  string // of columns, indexes and constraints: concurrent DDL changes it
+	PartKey      string // PARTITION BY clause of a partitioned table
+	Partitions   []partition
 }
+
+// partition is one table of a partitioned table's tree, parents first.
+type partition struct {
+	OID          uint32   `json:"oid"`
+	Schema       string   `json:"schema"`
+	Name         string   `json:"name"`
+	ParentSchema string   `json:"parent_schema"`
+	Parent       string   `json:"parent"`
+	Bound        string   `json:"bound"`    // FOR VALUES ... | DEFAULT
+	PartKey      string   `json:"part_key"` // for an intermediate partitioned table
+	Persistence  string   `json:"persistence"`
+	Tablespace   string   `json:"tablespace"`
+	RelOptions   []string `json:"reloptions"`
+}
+
+// qPartitions lists the partition tree below $1, parents before children.
+const qPartitions = `
+with recursive tree(oid, level) as (
+  select inhrelid, 1 from pg_inherits where inhparent = $1
+  union all
+  select h.inhrelid, t.level + 1 from tree t join pg_inherits h on h.inhparent = t.oid)
+select c.oid, n.nspname, c.relname, pn.nspname, p.relname, pg_get_expr(c.relpartbound, c.oid),
+       case when c.relkind = 'p' then pg_get_partkeydef(c.oid) else '' end, c.relkind::text,
+       c.relpersistence::text, coalesce(ts.spcname, ''), coalesce(c.reloptions, '{}'), c.relispartition
+from tree t join pg_class c on c.oid = t.oid join pg_namespace n on n.oid = c.relnamespace
+join pg_inherits h on h.inhrelid = c.oid join pg_class p on p.oid = h.inhparent
+join pg_namespace pn on pn.oid = p.relnamespace
+left join pg_tablespace ts on ts.oid = c.reltablespace
+order by t.level, c.relname`
 
 type column struct {
 	Num       int
@@ -165,8 +196,8 @@ func loadTable(ctx context.Context, conn pgx.Tx, schema, name string) (*table, e
 	if err != nil {
 		return nil, fmt.Errorf("read table %s: %w", rel, err)
 	}
-	if t.Kind != "r" {
-		return nil, fmt.Errorf("%s is not a plain table (relkind %s); partitioned tables are not supported yet", rel, t.Kind)
+	if err := loadPartitions(ctx, conn, t, rel); err != nil {
+		return nil, err
 	}
 	rows, err := conn.Query(ctx, qColumns, oid, t.Schema, t.Name)
 	if err != nil {
@@ -248,4 +279,57 @@ func keyList(cols []string, prefix string) string {
 		parts[i] = prefix + qi(c)
 	}
 	return strings.Join(parts, ", ")
+}
+
+// loadPartitions reads a partitioned table's tree and refuses what cannot
+// be swapped faithfully: temporary tables, system schemas, a partition on
+// its own, inheritance (non-partition) children, foreign-table partitions.
+func loadPartitions(ctx context.Context, conn pgx.Tx, t *table, rel string) error {
+	var isPartition bool
+	if err := conn.QueryRow(ctx, "select relispartition from pg_class where oid = $1", t.OID).Scan(&isPartition); err != nil {
+		return err
+	}
+	switch {
+	case t.Persistence == "t":
+		return fmt.Errorf("%s is a temporary table: other sessions cannot see it", rel)
+	case t.Schema == "pg_catalog" || t.Schema == "information_schema" || t.Schema == "pg_toast":
+		return fmt.Errorf("%s is a system catalog", rel)
+	case isPartition:
+		return fmt.Errorf("%s is a partition: alter its partitioned table instead (single-partition mode is not supported)", rel)
+	case t.Kind != "r" && t.Kind != "p":
+		return fmt.Errorf("%s is not a table (relkind %s)", rel, t.Kind)
+	}
+	rows, err := conn.Query(ctx, qPartitions, t.OID)
+	if err != nil {
+		return fmt.Errorf("read partitions of %s: %w", rel, err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var p partition
+		var kind string
+		var isPart bool
+		var bound *string
+		if err := rows.Scan(&p.OID, &p.Schema, &p.Name, &p.ParentSchema, &p.Parent, &bound, &p.PartKey, &kind,
+			&p.Persistence, &p.Tablespace, &p.RelOptions, &isPart); err != nil {
+			return fmt.Errorf("read partitions of %s: %w", rel, err)
+		}
+		if !isPart || bound == nil {
+			return fmt.Errorf("%s has inheritance children (%s); only declarative partitioning is supported", rel, p.Name)
+		}
+		if kind == "f" {
+			return fmt.Errorf("%s has a foreign-table partition (%s), which cannot be copied", rel, p.Name)
+		}
+		p.Bound = *bound
+		t.Partitions = append(t.Partitions, p)
+	}
+	if err := rows.Err(); err != nil {
+		return err
+	}
+	if t.Kind == "p" {
+		if err := conn.QueryRow(ctx, `select pg_get_partkeydef($1), coalesce((select sum(greatest(c.reltuples, 0))::bigint
+			from pg_partition_tree($1) pt join pg_class c on c.oid = pt.relid where pt.isleaf), 0)`, t.OID).Scan(&t.PartKey, &t.EstRows); err != nil {
+			return fmt.Errorf("read partition key of %s: %w", rel, err)
+		}
+	}
+	return nil
 }

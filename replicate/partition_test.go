@@ -1,0 +1,85 @@
+package replicate_test
+
+import (
+	"context"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// A multi-level partitioned table (list, then hash; a default partition;
+// an index on one partition only) is migrated as a whole, under a writer
+// whose updates also move rows between partitions. pg_dump -s must differ
+// only by the ALTER, and the content must equal the control's.
+func TestPartitionedTable(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.exec(`
+create table m (id int not null, region int not null, v text, n int, primary key (id, region)) partition by list (region);
+create table m_r1 partition of m for values in (1) with (fillfactor = 90);
+create table m_r2 partition of m for values in (2) partition by hash (id);
+create table m_r2_h0 partition of m_r2 for values with (modulus 2, remainder 0);
+create table m_r2_h1 partition of m_r2 for values with (modulus 2, remainder 1);
+create table m_other partition of m default;
+create index m_n on m (n);
+create index m_r1_only on m_r1 (v);
+comment on table m_r1 is 'region one';
+create table ctl (id int not null, region int not null, n int, v text, primary key (id, region));
+insert into m select g, g % 4, md5(g::text), g from generate_series(1, 6000) g;
+insert into ctl select id, region, n, v from m;
+analyze m;`)
+	before := e.dump(t)
+	var stop atomic.Bool
+	var wg sync.WaitGroup
+	var ops atomic.Int64
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		ctx := context.Background()
+		for i := 0; !stop.Load(); i++ {
+			id := 1 + i*37%6000
+			stmt := []string{
+				"update %s set n = n + 1 where id = $1",
+				"update %s set region = (region + 1) % 4 where id = $1 and not exists (select 1 from %[1]s x where x.id = $1 and x.region = (%[1]s.region + 1) % 4)",
+				"delete from %s where id = $1",
+				"insert into %s (id, region, v, n) values ($1 + 10000, 1, 'new', 0) on conflict do nothing",
+			}[i%4]
+			tx, err := e.pool.Begin(ctx)
+			if err != nil {
+				return
+			}
+			_, err1 := tx.Exec(ctx, sprintf(stmt, "m"), id)
+			_, err2 := tx.Exec(ctx, sprintf(stmt, "ctl"), id)
+			if err1 != nil || err2 != nil {
+				_ = tx.Rollback(ctx)
+				continue
+			}
+			if tx.Commit(ctx) == nil {
+				ops.Add(1)
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}()
+	o := opts("alter table m alter column n type bigint")
+	err := e.run(o)
+	stop.Store(true)
+	wg.Wait()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ops.Load() == 0 {
+		t.Fatal("writer wrote nothing")
+	}
+	after := e.dump(t)
+	want := strings.ReplaceAll(before, "    n integer\n", "    n bigint\n")
+	if want != after {
+		t.Fatalf("schema differs beyond the ALTER:\n%s", diff(want, after))
+	}
+	e.assertSame("m", "ctl", "id, region, v, n")
+	e.assertNoLeftovers("m")
+	if got := e.str("select count(*) from m_r2_h1"); got == "0" {
+		t.Fatal("hash partition empty")
+	}
+}
