@@ -111,6 +111,13 @@ alter table tat.migrations add column if not exists updated_at       timestamptz
 alter table tat.migrations add column if not exists finished_at      timestamptz;
 alter table tat.migrations add column if not exists error            text;
 alter table tat.migrations add column if not exists error_phase      text;
+-- live progress written by the runner (sqlapi.Reporter)
+alter table tat.migrations add column if not exists throttle_reason  text;
+alter table tat.migrations add column if not exists capture_lag_bytes bigint;
+alter table tat.migrations add column if not exists rows_per_second  numeric;
+alter table tat.migrations add column if not exists rate_rows        bigint;
+alter table tat.migrations add column if not exists rate_at          timestamptz;
+alter table tat.migrations add column if not exists phase_started_at timestamptz;
 
 do $$
 begin
@@ -165,12 +172,16 @@ alter table tat.requests add column if not exists state        text not null def
 alter table tat.requests add column if not exists runner       text;
 alter table tat.requests add column if not exists finished_at  timestamptz;
 alter table tat.requests add column if not exists error        text;
+alter table tat.requests add column if not exists option       text;  -- tat.set
+alter table tat.requests add column if not exists value        text;  -- tat.set
 do $$
 begin
     if not exists (select from pg_constraint
-                   where conrelid = 'tat.requests'::regclass and conname = 'requests_action_check') then
+                   where conrelid = 'tat.requests'::regclass and conname = 'requests_action_check'
+                     and pg_get_constraintdef(oid) like '%''set''%') then
+        alter table tat.requests drop constraint if exists requests_action_check;
         alter table tat.requests add constraint requests_action_check
-            check (action in ('cancel', 'pause', 'resume', 'switch', 'cleanup'));
+            check (action in ('cancel', 'pause', 'resume', 'switch', 'cleanup', 'set'));
     end if;
     if not exists (select from pg_constraint
                    where conrelid = 'tat.requests'::regclass and conname = 'requests_state_check') then
@@ -219,6 +230,39 @@ as $$
     select m.id, m.state from tat.migrations m
     where m.table_oid = tbl and m.state in ('queued', 'running', 'paused', 'waiting_switch')
     order by m.id limit 1
+$$;
+
+-- Refuses logical capture (55000) when the server cannot give it: wal_level
+-- is not logical, no replication slot is free, or the role that runs the
+-- migrations (the owner of schema tat, i.e. tatd's role) may not replicate.
+-- Definer rights: callers need not read pg_replication_slots / pg_roles.
+create or replace function tat._check_logical_capture() returns void
+language plpgsql stable security definer set search_path = pg_catalog, pg_temp
+as $$
+declare
+    used  int;
+    slots int := current_setting('max_replication_slots')::int;
+    owner record;
+begin
+    if current_setting('wal_level') <> 'logical' then
+        raise exception using errcode = '55000',
+            message = format('capture => ''logical'' needs wal_level = logical (it is %s)', current_setting('wal_level')),
+            hint = 'Set wal_level = logical and restart the server, or use capture => ''trigger''.';
+    end if;
+    select count(*) into used from pg_replication_slots;
+    if used >= slots then
+        raise exception using errcode = '55000',
+            message = format('capture => ''logical'' needs a free replication slot (%s of max_replication_slots = %s in use)', used, slots),
+            hint = 'Drop an unused slot (pg_drop_replication_slot), raise max_replication_slots, or use capture => ''trigger''.';
+    end if;
+    select r.rolname, r.rolsuper, r.rolreplication into owner
+      from pg_namespace n join pg_roles r on r.oid = n.nspowner where n.nspname = 'tat';
+    if not (owner.rolsuper or owner.rolreplication) then
+        raise exception using errcode = '55000',
+            message = format('capture => ''logical'' needs the REPLICATION attribute for role %s (the owner of schema tat, which tatd runs as)', owner.rolname),
+            hint = format('ALTER ROLE %I REPLICATION, or use capture => ''trigger''.', owner.rolname);
+    end if;
+end
 $$;
 
 -- Returns cmd without its trailing ';' (and what follows it: blanks and
@@ -394,11 +438,13 @@ declare
         'capture', 'trigger', 'copy_data_jobs', 1, 'create_index_jobs', 2, 'batch_size', 10000,
         'lock_timeout', '00:00:00.2', 'time_between_locks', '00:00:02', 'min_delta_rows', 1000,
         'work_mem', null, 'maintenance_work_mem', null, 'max_parallel_maintenance_workers', null,
-        'switch', 'auto', 'skip_fk_validation', false);
+        'switch', 'auto', 'skip_fk_validation', false,
+        'max_replica_lag', null, 'max_active_sessions', null, 'throttle_query', null);
     o        jsonb;
     unknown  text;
     v_capture text; v_cdj int; v_cij int; v_batch int; v_lt interval; v_tbl interval;
     v_mdr bigint; v_wm text; v_mwm text; v_mpmw int; v_switch text; v_skip boolean;
+    v_mrl interval; v_mas int; v_tq text;
 begin
     if opts is null or jsonb_typeof(opts) <> 'object' then
         opts := '{}';
@@ -422,6 +468,9 @@ begin
         v_mpmw := (o->>'max_parallel_maintenance_workers')::int;
         v_switch := o->>'switch';
         v_skip := (o->>'skip_fk_validation')::boolean;
+        v_mrl := (o->>'max_replica_lag')::interval;
+        v_mas := (o->>'max_active_sessions')::int;
+        v_tq := nullif(btrim(o->>'throttle_query'), '');
     exception when others then
         raise exception using errcode = '22023', message = format('invalid option value: %s', sqlerrm);
     end;
@@ -463,11 +512,29 @@ begin
     if v_skip is null then
         raise exception using errcode = '22023', message = 'skip_fk_validation must not be NULL';
     end if;
+    if v_mrl is not null and v_mrl <= interval '0' then
+        raise exception using errcode = '22023', message = format('max_replica_lag must be positive (or NULL for no limit), not %s', v_mrl);
+    end if;
+    if v_mas is not null and v_mas < 1 then
+        raise exception using errcode = '22023', message = format('max_active_sessions must be at least 1 (or NULL for no limit), not %s', v_mas);
+    end if;
+    if v_tq is not null then
+        begin
+            v_tq := tat._single_statement(v_tq);
+        exception when others then
+            raise exception using errcode = '22023', message = format('throttle_query: %s', sqlerrm);
+        end;
+        if v_tq !~* '^\s*(select|with|values|table)\M' then
+            raise exception using errcode = '22023',
+                message = 'throttle_query must be one query returning a boolean, such as ''select count(*) > 100 from pg_stat_activity''';
+        end if;
+    end if;
     return jsonb_build_object(
         'capture', v_capture, 'copy_data_jobs', v_cdj, 'create_index_jobs', v_cij, 'batch_size', v_batch,
         'lock_timeout', v_lt::text, 'time_between_locks', v_tbl::text, 'min_delta_rows', v_mdr,
         'work_mem', v_wm, 'maintenance_work_mem', v_mwm, 'max_parallel_maintenance_workers', v_mpmw,
-        'switch', v_switch, 'skip_fk_validation', v_skip);
+        'switch', v_switch, 'skip_fk_validation', v_skip,
+        'max_replica_lag', v_mrl::text, 'max_active_sessions', v_mas, 'throttle_query', v_tq);
 end
 $$;
 
@@ -513,6 +580,9 @@ begin
             detail = format('Role %s is not a member of the owner of %I.%I.', current_user, cls.nspname, cls.relname);
     end if;
     new.options := tat._resolve_options(new.options);
+    if new.options->>'capture' = 'logical' then
+        perform tat._check_logical_capture();
+    end if;
     select * into active from tat._active_job(cls.oid);
     if active.id is not null then
         raise exception using errcode = '55006',
@@ -542,6 +612,17 @@ begin
     new.finished_at := null;
     new.error := null;
     new.error_phase := null;
+    new.throttle_reason := null;
+    new.capture_lag_bytes := null;
+    new.rows_per_second := null;
+    new.rate_rows := null;
+    new.rate_at := null;
+    new.phase_started_at := null;
+    -- remembered until the end of this transaction (reverted with a rolled
+    -- back subtransaction): tat.wait refuses to wait for these jobs, which
+    -- tatd cannot see before COMMIT
+    perform set_config('tat.uncommitted_jobs',
+                       concat_ws(',', nullif(current_setting('tat.uncommitted_jobs', true), ''), new.id::text), true);
     return new;
 end
 $$;
@@ -583,8 +664,19 @@ begin
     new.runner := null;
     new.finished_at := null;
     new.error := null;
-    if new.action is null or new.action not in ('cancel', 'pause', 'resume', 'switch', 'cleanup') then
+    if new.action is null or new.action not in ('cancel', 'pause', 'resume', 'switch', 'cleanup', 'set') then
         raise exception using errcode = '22023', message = format('unknown action %L', new.action);
+    end if;
+    if new.action = 'set' then
+        if new.option is null or new.option not in ('batch_size', 'copy_data_jobs', 'lock_timeout', 'time_between_locks',
+                                                     'max_replica_lag', 'max_active_sessions', 'throttle_query') then
+            raise exception using errcode = '22023',
+                message = format('tat.set cannot change option %s', coalesce(quote_literal(new.option), 'NULL')),
+                hint = 'Settable: batch_size, copy_data_jobs, lock_timeout, time_between_locks, max_replica_lag, max_active_sessions, throttle_query.';
+        end if;
+    else
+        new.option := null;
+        new.value := null;
     end if;
     if new.action = 'cleanup' then
         new.job := null;
@@ -613,6 +705,16 @@ begin
 end
 $$;
 
+-- Does a live tatd hold job id (its session advisory lock, see
+-- sqlapi.AdvisoryLockClass)?
+create or replace function tat._runner_alive(id bigint) returns boolean
+language sql stable security definer set search_path = pg_catalog, pg_temp
+as $$
+    select exists (select from pg_locks l
+                   where l.locktype = 'advisory' and l.granted and l.database = (select oid from pg_database where datname = current_database())
+                     and l.classid = 7627124::oid and l.objid = ((_runner_alive.id % 4294967296))::oid and l.objsubid = 2)
+$$;
+
 -- AFTER INSERT, definer rights: applies the request.
 create or replace function tat._requests_after_insert() returns trigger
 language plpgsql security definer set search_path = pg_catalog, pg_temp
@@ -621,6 +723,8 @@ declare
     m      tat.migrations;
     active record;
     cid    bigint;
+    opts   jsonb;
+    msg    text;
 begin
     if new.action = 'cleanup' then
         select * into active from tat._active_job(new.table_oid);
@@ -638,11 +742,14 @@ begin
         raise exception using errcode = '42501', message = format('permission denied for migration %s', new.job);
     end if;
 
+    msg := format('%s requested by %s', new.action, new.requested_by);
     case new.action
     when 'cancel' then
         if m.state in ('done', 'cancelled') then
             raise exception using errcode = '55000', message = format('migration %s is already %s', m.id, m.state);
-        elsif m.state in ('running', 'waiting_switch') then
+        elsif m.state in ('running', 'waiting_switch')
+              or (m.state = 'paused' and m.runner is not null and tat._runner_alive(m.id)) then
+            -- its runner (or the one that takes it over) stops it and drops the shadow objects
             update tat.migrations set cancel_requested = true, updated_at = now() where id = m.id;
         else
             -- queued, paused, failed: nobody runs it; drop leftovers through a cleanup request
@@ -660,12 +767,18 @@ begin
         if m.state = 'queued' then
             update tat.migrations set state = 'paused', updated_at = now() where id = m.id;
         elsif m.state in ('running', 'waiting_switch') then
+            -- the runner holds at its next safe point and reports state paused;
+            -- it keeps the job (and its advisory lock)
             update tat.migrations set pause_requested = true, updated_at = now() where id = m.id;
         elsif m.state <> 'paused' then
             raise exception using errcode = '55000', message = format('migration %s is %s and cannot be paused', m.id, m.state);
         end if;
     when 'resume' then
-        if m.state in ('paused', 'failed') then
+        if m.state = 'paused' and m.runner is not null then
+            -- held by its runner (or its runner died while it was paused: the
+            -- state running lets another tatd take it over)
+            update tat.migrations set state = 'running', pause_requested = false, updated_at = now() where id = m.id;
+        elsif m.state in ('paused', 'failed') then
             select * into active from tat._active_job(m.table_oid);
             if active.id is not null and active.id <> m.id then
                 raise exception using errcode = '55006',
@@ -685,10 +798,18 @@ begin
             raise exception using errcode = '55000', message = format('migration %s is %s; nothing to switch', m.id, m.state);
         end if;
         update tat.migrations set switch_requested = true, updated_at = now() where id = m.id;
+    when 'set' then
+        if m.state not in ('queued', 'running', 'paused', 'waiting_switch') then
+            raise exception using errcode = '55000', message = format('migration %s is %s; its options can no longer change', m.id, m.state);
+        end if;
+        opts := tat._resolve_options(m.options || jsonb_build_object(new.option, new.value));
+        update tat.migrations set options = opts, updated_at = now() where id = m.id;
+        msg := format('%s set to %s by %s%s', new.option, coalesce(opts->>new.option, 'NULL (no limit)'), new.requested_by,
+                      case when new.option = 'copy_data_jobs' and m.state <> 'queued'
+                           then ' (takes effect when the job is resumed or taken over)' else '' end);
     end case;
 
-    insert into tat.events (job, phase, message)
-    values (m.id, m.phase, format('%s requested by %s', new.action, new.requested_by));
+    insert into tat.events (job, phase, message) values (m.id, m.phase, msg);
     if new.action = 'resume' then
         perform tat._notify(m.id::text);
     else
@@ -728,6 +849,9 @@ $$;
 
 -- Queues one ALTER TABLE; returns the job id. The job becomes visible to
 -- tatd when the caller's transaction commits.
+-- (Earlier versions had no throttling arguments; their signature is dropped
+-- so that calls do not become ambiguous.)
+drop function if exists tat.alter(text, text, int, int, int, interval, interval, bigint, text, text, int, text, boolean);
 create or replace function tat.alter(
     command text,
     capture text default 'trigger',
@@ -741,7 +865,10 @@ create or replace function tat.alter(
     maintenance_work_mem text default null,
     max_parallel_maintenance_workers int default null,
     switch text default 'auto',
-    skip_fk_validation boolean default false
+    skip_fk_validation boolean default false,
+    max_replica_lag interval default null,
+    max_active_sessions int default null,
+    throttle_query text default null
 ) returns bigint
 language plpgsql volatile security invoker  -- caller's search_path resolves the table
 as $$
@@ -761,7 +888,10 @@ begin
         'maintenance_work_mem', alter.maintenance_work_mem,
         'max_parallel_maintenance_workers', alter.max_parallel_maintenance_workers,
         'switch', alter.switch,
-        'skip_fk_validation', alter.skip_fk_validation))
+        'skip_fk_validation', alter.skip_fk_validation,
+        'max_replica_lag', alter.max_replica_lag::text,
+        'max_active_sessions', alter.max_active_sessions,
+        'throttle_query', alter.throttle_query))
     returning id into v_id;
     return v_id;
 exception when unique_violation then
@@ -788,6 +918,18 @@ create or replace function tat.switch(id bigint) returns void
 language sql volatile security invoker set search_path = pg_catalog, pg_temp
 as $$ insert into tat.requests (action, job) values ('switch', switch.id) $$;
 
+-- Changes an option of a queued or running job; the runner applies it within
+-- a second at its next safe point. Options and values:
+--   batch_size int >= 1, lock_timeout interval > 0, time_between_locks
+--   interval >= 0 (live); copy_data_jobs int >= 1 (the copy workers are
+--   started once: the new value applies when the job is resumed or taken
+--   over); max_replica_lag interval, max_active_sessions int, throttle_query
+--   text (a query returning boolean, run as the requester of the job in a
+--   read-only transaction) -- NULL removes the limit.
+create or replace function tat.set(id bigint, option text, value text) returns void
+language sql volatile security invoker set search_path = pg_catalog, pg_temp
+as $$ insert into tat.requests (action, job, option, value) values ('set', set.id, set.option, set.value) $$;
+
 -- Queues the removal of the leftovers of a failed run on tbl (shadow table,
 -- delta table, capture trigger); tatd runs it. Returns the request id.
 create or replace function tat.cleanup(tbl regclass) returns bigint
@@ -796,7 +938,9 @@ as $$ insert into tat.requests (action, table_oid) values ('cleanup', tbl) retur
 
 -- Blocks until the job ends; returns its final state ('done'). Raises when
 -- the job failed or was cancelled (with its error), and 57014 on timeout.
--- Call it after the transaction that queued the job has committed.
+-- Call it after the transaction that queued the job has committed: called in
+-- that same transaction it raises 25001 at once (tatd cannot see the job
+-- before COMMIT, so it would wait forever).
 create or replace function tat.wait(id bigint, timeout interval default null) returns text
 language plpgsql volatile security invoker set search_path = pg_catalog, pg_temp
 as $$
@@ -804,6 +948,12 @@ declare
     deadline timestamptz := case when timeout is null then null else clock_timestamp() + timeout end;
     m        record;
 begin
+    if wait.id::text = any(string_to_array(current_setting('tat.uncommitted_jobs', true), ',')) then
+        raise exception using errcode = '25001',
+            message = format('migration %s was queued by this transaction and cannot be waited for in it', wait.id),
+            detail = 'tatd sees the job only after COMMIT; waiting here would never end.',
+            hint = 'Commit first, then call tat.wait in a new transaction (in migration tools: a separate migration, or a step without a transaction).';
+    end if;
     loop
         -- each statement of a READ COMMITTED plpgsql function takes a new snapshot
         select s.state, s.error, s.error_phase into m from tat.migrations s where s.id = wait.id;
@@ -830,6 +980,25 @@ $$;
 -- ---------------------------------------------------------------------------
 -- views
 -- ---------------------------------------------------------------------------
+-- Time spent in each phase, from the timeline (a job resumed after a crash
+-- or a pause has a row per attempt of a phase).
+create or replace view tat.phase_timings as
+select b.job,
+       b.phase,
+       b.at as started_at,
+       b.ended_at,
+       coalesce(b.ended_at, clock_timestamp()) - b.at as duration
+  from (select e.job, e.id, e.phase, e.message, e.at,
+               coalesce(lead(e.at) over (partition by e.job order by e.id),
+                        (select m.finished_at from tat.migrations m where m.id = e.job)) as ended_at
+          from tat.events e
+         where e.message like 'phase %'
+            or e.message in ('done', 'cancelled', 'paused')
+            or e.message like 'failed: %'
+            or e.message like 'interrupted %') b
+ where b.message like 'phase %';
+comment on view tat.phase_timings is 'pg_tat: start, end and duration of each phase of each job';
+
 create or replace view tat.status as
 select m.id,
        m.table_name,
@@ -857,15 +1026,51 @@ select m.id,
        m.runner,
        m.switch_requested,
        m.options,
-       m.created_at
+       m.created_at,
+       (case when m.state in ('running', 'paused', 'waiting_switch')
+             then coalesce(m.throttle_reason,
+                           case when m.pause_requested and m.state <> 'paused' then 'pause requested' end)
+        end) as throttle_reason,
+       m.capture_lag_bytes,
+       (select jsonb_object_agg(t.phase, round(t.seconds, 1))
+          from (select p.phase, sum(extract(epoch from p.duration))::numeric as seconds
+                  from tat.phase_timings p where p.job = m.id group by p.phase) t) as phase_timings,
+       (case when m.state in ('running', 'paused', 'waiting_switch')
+             then date_trunc('second', now() - m.phase_started_at) end) as phase_elapsed,
+       m.pause_requested,
+       m.attempts
   from tat.migrations m
   cross join lateral (
-      select case when m.started_at is not null and m.rows_copied > 0
-                       and extract(epoch from coalesce(m.finished_at, m.updated_at, now()) - m.started_at) > 0
-                  then round(m.rows_copied / extract(epoch from coalesce(m.finished_at, m.updated_at, now()) - m.started_at), 1)
+      select case
+             -- live: a smoothed rate of the last samples written by the runner
+             when m.state in ('running', 'paused', 'waiting_switch') then round(m.rows_per_second, 1)
+             -- finished: the average over the run
+             when m.started_at is not null and m.rows_copied > 0
+                  and extract(epoch from coalesce(m.finished_at, m.updated_at, now()) - m.started_at) > 0
+             then round(m.rows_copied / extract(epoch from coalesce(m.finished_at, m.updated_at, now()) - m.started_at), 1)
              end::numeric as rows_per_second
   ) r;
 comment on view tat.status is 'pg_tat: one row per migration with live progress';
+
+-- A compact view for psql's \watch 1: active jobs and those finished in the last hour.
+create or replace view tat.progress as
+select s.id,
+       s.table_name as "table",
+       s.state,
+       s.phase,
+       s.progress as "%",
+       format('%s/%s', s.rows_copied, coalesce(s.rows_total::text, '?')) as rows,
+       s.rows_per_second::bigint as "rows/s",
+       s.eta,
+       s.delta_backlog as backlog,
+       pg_size_pretty(s.capture_lag_bytes) as lag,
+       s.lock_attempts as locks,
+       left(coalesce(s.error, s.throttle_reason, ''), 48) as note
+  from tat.status s
+ where s.state in ('queued', 'running', 'paused', 'waiting_switch')
+    or s.finished_at > now() - interval '1 hour'
+ order by s.id;
+comment on view tat.progress is 'pg_tat: compact live progress (select * from tat.progress \watch 1)';
 
 create or replace view tat.errors as
 select m.id,
@@ -892,10 +1097,13 @@ grant insert (command, options) on tat.migrations to public;
 grant insert (action, job, table_oid) on tat.requests to public;
 grant select (id) on tat.requests to public;              -- for tat.cleanup's RETURNING id
 
-grant execute on function tat.alter(text, text, int, int, int, interval, interval, bigint, text, text, int, text, boolean) to public;
+grant execute on function tat.alter(text, text, int, int, int, interval, interval, bigint, text, text, int, text, boolean,
+                                    interval, int, text) to public;
+grant insert (option, value) on tat.requests to public;
 grant execute on function tat.cancel(bigint), tat.pause(bigint), tat.resume(bigint), tat.switch(bigint),
+                          tat.set(bigint, text, text),
                           tat.cleanup(regclass), tat.wait(bigint, interval) to public;
 -- helpers the invoker-rights code calls
 grant execute on function tat._may_control(name, name, oid), tat._active_job(oid),
                           tat._single_statement(text), tat._command_table(text),
-                          tat._resolve_options(jsonb) to public;
+                          tat._resolve_options(jsonb), tat._check_logical_capture() to public;

@@ -24,7 +24,8 @@ func (l *Listener) tryClaim(ctx context.Context, id int64) {
 		return
 	}
 	jobCtx, cancel := context.WithCancelCause(l.jobsCtx)
-	l.jobs[id] = cancel
+	rj := &running{cancel: cancel}
+	l.jobs[id] = rj
 	l.mu.Unlock()
 
 	release := func() {
@@ -69,15 +70,24 @@ func (l *Listener) tryClaim(ctx context.Context, id int64) {
 			release()
 			l.wakeUp()
 		}()
-		l.runJob(jobCtx, job)
+		l.runJob(jobCtx, job, rj)
 	}()
 }
 
 // runJob runs one claimed job and writes its final state.
-func (l *Listener) runJob(ctx context.Context, job sqlapi.Job) {
+func (l *Listener) runJob(ctx context.Context, job sqlapi.Job, rj *running) {
 	log := l.log.WithFields(logrus.Fields{"job": job.ID, "table": job.TableName})
 	rep := sqlapi.NewReporter(l.pool, job.ID, log)
+	ctl := sqlapi.NewControl(l.pool, job.ID)
+	l.mu.Lock()
+	rj.table, rj.rep, rj.ctl = job.TableName, rep, ctl
+	if l.stopping {
+		ctl.Drain()
+	}
+	l.mu.Unlock()
 	runner := l.cfg.RunnerID
+	var final string
+	defer func() { l.metrics.finished(final) }()
 	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), finalTimeout)
 	defer cancel()
 
@@ -96,7 +106,7 @@ func (l *Listener) runJob(ctx context.Context, job sqlapi.Job) {
 	if err = sqlapi.ValidateCommand(job.Command); err == nil {
 		opts, oerr := sqlapi.Options(job)
 		if err = oerr; err == nil {
-			err = l.cfg.Run(ctx, l.pool, opts, rep, sqlapi.NewControl(l.pool, job.ID))
+			err = l.cfg.Run(ctx, l.pool, opts, rep, ctl.WithOptions(opts, log))
 		}
 	}
 	rep.Flush(fctx)
@@ -104,14 +114,16 @@ func (l *Listener) runJob(ctx context.Context, job sqlapi.Job) {
 	cause := context.Cause(ctx)
 	switch {
 	case err == nil:
+		final = sqlapi.StateDone
 		l.logFinal(log, sqlapi.MarkDone(fctx, l.pool, job.ID, runner), "done")
 	case errors.Is(cause, errCancelled):
+		final = sqlapi.StateCancelled
 		l.finishCancelled(fctx, log, job)
-	case errors.Is(cause, errPaused):
-		l.logFinal(log, sqlapi.MarkPaused(fctx, l.pool, job.ID, runner), "paused")
 	case errors.Is(cause, errShutdown):
+		final = sqlapi.StateQueued
 		l.logFinal(log, sqlapi.Requeue(fctx, l.pool, job.ID, runner), "interrupted; queued again")
 	default:
+		final = sqlapi.StateFailed
 		phase := rep.Phase()
 		if phase == "" {
 			phase = "prepare"

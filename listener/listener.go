@@ -15,8 +15,12 @@
 //     it. A runner that dies releases the lock with its connection, so another
 //     one takes the job over (state running, nobody holding the lock).
 //   - A runner writes a job's final state before it releases the lock.
-//   - On shutdown the runner stops claiming, cancels its jobs and puts them
-//     back to queued (not failed), so they resume on the next start.
+//   - tat.pause and tat.set do not interrupt a run: the engine polls them
+//     through sqlapi.Control at its safe points and holds there while paused
+//     (the job keeps its runner and lock). tat.cancel interrupts the run.
+//   - On shutdown (SIGTERM) the runner stops claiming, asks its jobs to hold
+//     at a safe point (bounded by ShutdownGrace), interrupts them and puts
+//     them back to queued (not failed), so they resume on the next start.
 //   - Losing the database (restart) is retried with exponential backoff.
 package listener
 
@@ -58,14 +62,26 @@ type Config struct {
 
 	MinBackoff time.Duration // first reconnect delay, default 250ms
 	MaxBackoff time.Duration // default 30s
+
+	// ShutdownGrace bounds how long a graceful stop waits for running jobs
+	// to reach a safe point (the engine holds) before it interrupts them;
+	// default 10s. Either way the jobs go back to queued (or paused).
+	ShutdownGrace time.Duration
 }
 
 // Causes of a job's context cancellation.
 var (
 	errCancelled = errors.New("cancelled by tat.cancel")
-	errPaused    = errors.New("paused by tat.pause")
 	errShutdown  = errors.New("runner shutting down")
 )
+
+// running is a job claimed by this listener.
+type running struct {
+	cancel context.CancelCauseFunc
+	table  string
+	ctl    *sqlapi.Control  // nil while being claimed
+	rep    *sqlapi.Reporter // nil while being claimed
+}
 
 // Listener runs jobs from tat.migrations.
 type Listener struct {
@@ -76,8 +92,10 @@ type Listener struct {
 	jobsCtx    context.Context
 	cancelJobs context.CancelCauseFunc
 
+	metrics *Metrics
+
 	mu       sync.Mutex
-	jobs     map[int64]context.CancelCauseFunc // running (or being claimed) here
+	jobs     map[int64]*running // running (or being claimed) here
 	cleanups map[int64]bool
 	wake     context.CancelFunc // interrupts the current wait for notifications
 	stopping bool
@@ -117,12 +135,17 @@ func New(cfg Config) (*Listener, error) {
 	if cfg.MaxBackoff < cfg.MinBackoff {
 		cfg.MaxBackoff = 30 * time.Second
 	}
-	return &Listener{
+	if cfg.ShutdownGrace <= 0 {
+		cfg.ShutdownGrace = 10 * time.Second
+	}
+	l := &Listener{
 		cfg:      cfg,
 		log:      cfg.Log.WithField("runner", cfg.RunnerID),
-		jobs:     map[int64]context.CancelCauseFunc{},
+		jobs:     map[int64]*running{},
 		cleanups: map[int64]bool{},
-	}, nil
+	}
+	l.metrics = newMetrics(l)
+	return l, nil
 }
 
 // RunnerID is the name this listener writes into tat.migrations.runner.
@@ -132,11 +155,21 @@ func (l *Listener) RunnerID() string { return l.cfg.RunnerID }
 // running jobs are cancelled, put back to queued and waited for. It returns
 // nil after a graceful stop.
 func (l *Listener) Run(ctx context.Context) error {
-	pool, err := pgxpool.New(ctx, l.cfg.DatabaseURL)
+	pcfg, err := pgxpool.ParseConfig(l.cfg.DatabaseURL)
+	if err != nil {
+		return fmt.Errorf("listener: database URL: %w", err)
+	}
+	if pcfg.ConnConfig.RuntimeParams["application_name"] == "" {
+		// lets the max_active_sessions throttle leave tatd's own sessions out
+		pcfg.ConnConfig.RuntimeParams["application_name"] = "tatd"
+	}
+	pool, err := pgxpool.NewWithConfig(ctx, pcfg)
 	if err != nil {
 		return fmt.Errorf("listener: open pool: %w", err)
 	}
+	l.mu.Lock()
 	l.pool = pool
+	l.mu.Unlock()
 	defer pool.Close()
 	l.jobsCtx, l.cancelJobs = context.WithCancelCause(context.WithoutCancel(ctx))
 	defer l.stop()
@@ -160,18 +193,41 @@ func (l *Listener) Run(ctx context.Context) error {
 	return nil
 }
 
-// stop cancels every running job (they go back to queued) and waits.
+// stop asks every running job to hold at its next safe point, waits for
+// that (at most ShutdownGrace), then interrupts them: they go back to queued
+// (paused when a pause was requested) and the next runner continues them.
 func (l *Listener) stop() {
 	l.mu.Lock()
 	l.stopping = true
 	n := len(l.jobs)
+	for _, j := range l.jobs {
+		if j.ctl != nil {
+			j.ctl.Drain()
+		}
+	}
 	l.mu.Unlock()
 	if n > 0 {
-		l.log.WithField("jobs", n).Info("stopping: interrupting running jobs")
+		l.log.WithField("jobs", n).Info("stopping: holding running jobs at a safe point")
+		deadline := time.Now().Add(l.cfg.ShutdownGrace)
+		for time.Now().Before(deadline) && !l.allHeld() {
+			time.Sleep(100 * time.Millisecond)
+		}
 	}
 	l.cancelJobs(errShutdown)
 	l.wg.Wait()
 	l.log.Info("stopped")
+}
+
+// allHeld reports whether every running job holds at a safe point.
+func (l *Listener) allHeld() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, j := range l.jobs {
+		if j.rep == nil || !j.rep.Held() {
+			return false
+		}
+	}
+	return true
 }
 
 // session LISTENs on one connection until it fails or ctx ends.
@@ -239,10 +295,9 @@ func (l *Listener) handle(ctx context.Context, payload string) {
 		l.tryClaim(ctx, id)
 	case "cancel":
 		l.signal(id, errCancelled)
-	case "pause":
-		l.signal(id, errPaused)
-	case "switch":
-		// the engine polls switch_requested through sqlapi.Control
+	case "pause", "switch", "set":
+		// the engine polls pause_requested, switch_requested and the options
+		// through sqlapi.Control (replicate.Steerer) at its safe points
 	case "cleanup":
 		l.startCleanup(ctx, id)
 	default:
@@ -253,11 +308,11 @@ func (l *Listener) handle(ctx context.Context, payload string) {
 // signal cancels a job running here.
 func (l *Listener) signal(id int64, cause error) {
 	l.mu.Lock()
-	cancel := l.jobs[id]
+	j := l.jobs[id]
 	l.mu.Unlock()
-	if cancel != nil {
+	if j != nil {
 		l.log.WithField("job", id).Info(cause.Error())
-		cancel(cause)
+		j.cancel(cause)
 	}
 }
 
@@ -290,11 +345,8 @@ func (l *Listener) poll(ctx context.Context) {
 			l.log.WithError(err).Warn("poll")
 		}
 		for id, f := range flags {
-			switch {
-			case f.Cancel:
+			if f.Cancel {
 				l.signal(id, errCancelled)
-			case f.Pause:
-				l.signal(id, errPaused)
 			}
 		}
 	}

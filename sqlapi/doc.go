@@ -7,7 +7,9 @@
 //	                 tat.switch ──> switch_requested ──> sqlapi.Control ──> engine
 //
 // It turns job rows into replicate.Options, implements replicate.Reporter over
-// tat.migrations / tat.events and replicate.Control over switch_requested, and
+// tat.migrations / tat.events, replicate.Control and replicate.Steerer over
+// the job row (switch_requested, pause_requested, options changed by tat.set,
+// throttling limits: see control.go and README.md), and
 // moves jobs between states (running, done, failed, cancelled, paused, back to
 // queued). It also re-validates a job's command with the PostgreSQL parser
 // (ValidateCommand) before anything runs it.

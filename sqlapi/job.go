@@ -164,21 +164,31 @@ func ControlFlags(ctx context.Context, db DB, ids []int64) (map[int64]Flags, err
 }
 
 // finish moves a job this runner holds to state and records message as an
-// event, in one statement.
-const sqlFinish = `with m as (
+// event, in one statement. A job handed back (queued) while tat.pause was
+// pending is parked as paused instead; a parked job (queued or paused) has no
+// runner.
+const sqlFinish = `with t as (
+  select case when $3::text = 'queued' and pause_requested then 'paused' else $3::text end as state
+    from tat.migrations where id = $1),
+m as (
   update tat.migrations
-     set state = $3::text,
+     set state = t.state,
          phase = coalesce(nullif($4::text, ''), phase),
          error = nullif($5::text, ''),
          error_phase = case when $5 = '' then null else nullif($4, '') end,
-         finished_at = case when $3 in ('done', 'failed', 'cancelled') then now() end,
-         runner = case when $3 = 'queued' then null else runner end,
-         cancel_requested = case when $3 = 'cancelled' then true else cancel_requested end,
-         pause_requested = case when $3 = 'paused' then false else pause_requested end,
+         finished_at = case when t.state in ('done', 'failed', 'cancelled') then now() end,
+         runner = case when t.state in ('queued', 'paused') then null else runner end,
+         cancel_requested = case when t.state = 'cancelled' then true else cancel_requested end,
+         pause_requested = case when t.state = 'paused' then false else pause_requested end,
+         throttle_reason = null,
+         rows_per_second = case when t.state in ('done', 'failed', 'cancelled') then null else rows_per_second end,
+         rate_at = null,
          updated_at = now()
-   where id = $1 and runner = $2 and state in ('running', 'waiting_switch')
-  returning id, phase)
-insert into tat.events (job, phase, message) select id, phase, $6::text from m`
+    from t
+   where id = $1 and runner = $2 and tat.migrations.state in ('running', 'waiting_switch', 'paused')
+  returning id, phase, t.state)
+insert into tat.events (job, phase, message)
+select id, phase, case when state = 'paused' and $3 = 'queued' then 'paused (the runner stopped while a pause was requested)' else $6::text end from m`
 
 func finish(ctx context.Context, db DB, id int64, runner, state, phase, errText, message string) error {
 	tag, err := db.Exec(ctx, sqlFinish, id, runner, state, phase, errText, message)

@@ -2,7 +2,6 @@ package sqlapi
 
 import (
 	"context"
-	"fmt"
 	"sync"
 	"time"
 
@@ -27,6 +26,8 @@ type Reporter struct {
 	phase     string
 	lastWrite time.Time
 	pending   *replicate.Progress
+	last      replicate.Progress
+	held      bool
 }
 
 var _ replicate.Reporter = (*Reporter)(nil)
@@ -50,15 +51,35 @@ func (r *Reporter) Phase() string {
 	return r.phase
 }
 
+// sqlProgress writes a progress sample. The state follows the engine: paused
+// while it holds for tat.pause (and the pause is still requested),
+// waiting_switch while it waits for tat.switch. rows_per_second is smoothed
+// from the samples (rate_rows / rate_at hold the previous one, taken at
+// least a second earlier).
 const sqlProgress = `update tat.migrations
    set phase = coalesce(nullif($2::text, ''), phase),
+       phase_started_at = case when nullif($2::text, '') is distinct from phase and $2::text <> ''
+                               then clock_timestamp() else coalesce(phase_started_at, clock_timestamp()) end,
        rows_copied = $3, rows_total = $4, delta_backlog = $5, lock_attempts = $6,
-       state = case when $7::boolean then 'waiting_switch' else 'running' end,
+       state = case when $8::boolean and pause_requested then 'paused'
+                    when $7::boolean then 'waiting_switch' else 'running' end,
+       throttle_reason = nullif($9::text, ''),
+       capture_lag_bytes = $10,
+       rows_per_second = case
+           when rate_at is null or $3 < rate_rows then rows_per_second
+           when clock_timestamp() - rate_at < interval '900 ms' then rows_per_second
+           else round((coalesce(0.3 * rows_per_second, 0) + (case when rows_per_second is null then 1 else 0.7 end)
+                      * ($3 - rate_rows) / extract(epoch from clock_timestamp() - rate_at))::numeric, 1) end,
+       rate_rows = case when rate_at is null or $3 < rate_rows or clock_timestamp() - rate_at >= interval '900 ms'
+                        then $3 else rate_rows end,
+       rate_at = case when rate_at is null or $3 < rate_rows or clock_timestamp() - rate_at >= interval '900 ms'
+                      then clock_timestamp() else rate_at end,
        updated_at = now()
- where id = $1 and state in ('running', 'waiting_switch')`
+ where id = $1 and runner is not null and state in ('running', 'waiting_switch', 'paused')`
 
 // Progress writes p to the job row at most once per interval, and at once when
-// the phase changes or the job starts/stops waiting for a switch.
+// the phase changes, or the job starts/stops waiting for a switch, being
+// paused or being throttled.
 func (r *Reporter) Progress(ctx context.Context, p replicate.Progress) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -69,8 +90,13 @@ func (r *Reporter) Progress(ctx context.Context, p replicate.Progress) {
 	if p.Phase == "" {
 		p.Phase = r.phase
 	}
-	waitChanged := r.pending != nil && r.pending.Waiting != p.Waiting
-	if !changed && !waitChanged && time.Since(r.lastWrite) < r.interval {
+	prev := r.last
+	if r.pending != nil {
+		prev = *r.pending
+	}
+	held := p.Paused != prev.Paused || p.Throttle != prev.Throttle || p.Waiting != prev.Waiting
+	r.held = p.Paused
+	if !changed && !held && time.Since(r.lastWrite) < r.interval {
 		cp := p
 		r.pending = &cp
 		return
@@ -78,10 +104,29 @@ func (r *Reporter) Progress(ctx context.Context, p replicate.Progress) {
 	r.write(ctx, p)
 }
 
+// Held reports whether the engine said it holds at a safe point (paused).
+func (r *Reporter) Held() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.held
+}
+
+// Last is the last progress the engine reported.
+func (r *Reporter) Last() replicate.Progress {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.pending != nil {
+		return *r.pending
+	}
+	return r.last
+}
+
 func (r *Reporter) write(ctx context.Context, p replicate.Progress) {
 	r.pending = nil
+	r.last = p
 	r.lastWrite = time.Now()
-	if _, err := r.db.Exec(ctx, sqlProgress, r.id, p.Phase, p.RowsCopied, p.RowsTotal, p.DeltaBacklog, p.LockAttempts, p.Waiting); err != nil {
+	if _, err := r.db.Exec(ctx, sqlProgress, r.id, p.Phase, p.RowsCopied, p.RowsTotal, p.DeltaBacklog, p.LockAttempts,
+		p.Waiting, p.Paused, p.Throttle, p.LagBytes); err != nil {
 		r.log.WithError(err).Warn("cannot record progress")
 	}
 }
@@ -101,24 +146,4 @@ func (r *Reporter) Event(ctx context.Context, phase, message string) {
 	if err := AddEvent(ctx, r.db, r.id, phase, message); err != nil {
 		r.log.WithError(err).Warn("cannot record event")
 	}
-}
-
-// Control implements replicate.Control over tat.migrations.switch_requested.
-type Control struct {
-	db DB
-	id int64
-}
-
-var _ replicate.Control = (*Control)(nil)
-
-// NewControl controls job id.
-func NewControl(db DB, id int64) *Control { return &Control{db: db, id: id} }
-
-// SwitchRequested reports whether tat.switch(id) was called.
-func (c *Control) SwitchRequested(ctx context.Context) (bool, error) {
-	var v bool
-	if err := c.db.QueryRow(ctx, `select switch_requested from tat.migrations where id = $1`, c.id).Scan(&v); err != nil {
-		return false, fmt.Errorf("read switch_requested of migration %d: %w", c.id, err)
-	}
-	return v, nil
 }

@@ -21,6 +21,9 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/kelseyhightower/envconfig"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/sirupsen/logrus"
 
 	pgtat "github.com/pgtat/pg_tat"
@@ -32,13 +35,14 @@ var version = "dev"
 
 // Config is read from the environment with prefix TAT_.
 type Config struct {
-	DatabaseURL  string        `envconfig:"DATABASE_URL" required:"true" desc:"PostgreSQL URL of the database with schema tat"`
-	Channel      string        `envconfig:"CHANNEL" default:"tat" desc:"LISTEN channel (see tat.settings 'channel')"`
-	MaxJobs      int           `envconfig:"MAX_JOBS" default:"4" desc:"migrations run at the same time"`
-	LogLevel     string        `envconfig:"LOG_LEVEL" default:"info" desc:"debug, info, warn, error"`
-	LogFormat    string        `envconfig:"LOG_FORMAT" default:"text" desc:"text or json"`
-	PollInterval time.Duration `envconfig:"POLL_INTERVAL" default:"5s" desc:"how often to look for jobs without a notification"`
-	MetricsAddr  string        `envconfig:"METRICS_ADDR" desc:"address of the /healthz endpoint; empty = off"`
+	DatabaseURL   string        `envconfig:"DATABASE_URL" required:"true" desc:"PostgreSQL URL of the database with schema tat"`
+	Channel       string        `envconfig:"CHANNEL" default:"tat" desc:"LISTEN channel (see tat.settings 'channel')"`
+	MaxJobs       int           `envconfig:"MAX_JOBS" default:"4" desc:"migrations run at the same time"`
+	LogLevel      string        `envconfig:"LOG_LEVEL" default:"info" desc:"debug, info, warn, error"`
+	LogFormat     string        `envconfig:"LOG_FORMAT" default:"text" desc:"text or json"`
+	PollInterval  time.Duration `envconfig:"POLL_INTERVAL" default:"5s" desc:"how often to look for jobs without a notification"`
+	MetricsAddr   string        `envconfig:"METRICS_ADDR" desc:"address of the /metrics and /healthz endpoints (e.g. :9187); empty = off"`
+	ShutdownGrace time.Duration `envconfig:"SHUTDOWN_GRACE" default:"10s" desc:"on SIGTERM, how long running jobs may take to reach a safe point"`
 }
 
 func main() {
@@ -102,18 +106,19 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 0
 	}
 	l, err := listener.New(listener.Config{
-		DatabaseURL:  cfg.DatabaseURL,
-		Channel:      cfg.Channel,
-		MaxJobs:      cfg.MaxJobs,
-		PollInterval: cfg.PollInterval,
-		Log:          log,
+		DatabaseURL:   cfg.DatabaseURL,
+		Channel:       cfg.Channel,
+		MaxJobs:       cfg.MaxJobs,
+		PollInterval:  cfg.PollInterval,
+		Log:           log,
+		ShutdownGrace: cfg.ShutdownGrace,
 	})
 	if err != nil {
 		log.WithError(err).Error("bad configuration")
 		return 2
 	}
 	if cfg.MetricsAddr != "" {
-		go serveHealth(ctx, cfg.MetricsAddr, log)
+		go serveMetrics(ctx, cfg.MetricsAddr, l, log)
 	}
 	log.WithFields(logrus.Fields{"version": version, "max_jobs": cfg.MaxJobs, "runner": l.RunnerID()}).Info("tatd starting")
 	if err := l.Run(ctx); err != nil {
@@ -160,11 +165,20 @@ func installSchema(ctx context.Context, url string) error {
 	return tx.Commit(ctx)
 }
 
-// serveHealth answers GET /healthz with 200 until ctx ends (metrics: later).
-func serveHealth(ctx context.Context, addr string, log logrus.FieldLogger) {
+// metricsHandler serves /metrics (the listener's collector plus the Go
+// runtime's) and /healthz.
+func metricsHandler(l *listener.Listener) http.Handler {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(l.Metrics(), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, "ok\n") })
-	srv := &http.Server{Addr: addr, Handler: mux, ReadHeaderTimeout: 5 * time.Second,
+	return mux
+}
+
+// serveMetrics answers /metrics and /healthz until ctx ends.
+func serveMetrics(ctx context.Context, addr string, l *listener.Listener, log logrus.FieldLogger) {
+	srv := &http.Server{Addr: addr, Handler: metricsHandler(l), ReadHeaderTimeout: 5 * time.Second,
 		BaseContext: func(net.Listener) context.Context { return ctx }}
 	go func() {
 		<-ctx.Done()
@@ -172,7 +186,8 @@ func serveHealth(ctx context.Context, addr string, log logrus.FieldLogger) {
 		defer cancel()
 		_ = srv.Shutdown(sctx)
 	}()
+	log.WithField("addr", addr).Info("serving /metrics and /healthz")
 	if err := srv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		log.WithError(err).Error("health endpoint")
+		log.WithError(err).Error("metrics endpoint")
 	}
 }
