@@ -151,6 +151,8 @@ func (m *migration) logicalPreflight(ctx context.Context, db execer) error {
 		return fmt.Errorf("%w: capture 'logical': preflight: %v", ErrBadCommand, err)
 	}
 	switch {
+	case m.t.Kind == "p":
+		return bad("partitioned tables are not supported with logical capture (changes arrive per partition); use capture 'trigger'")
 	case version < 140000:
 		return bad("needs PostgreSQL 14 or later (server is %d); use capture 'trigger'", version)
 	case walLevel != "logical":

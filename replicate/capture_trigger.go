@@ -47,7 +47,7 @@ func (m *migration) createDelta(ctx context.Context) error {
 		cols[i] = fmt.Sprintf("k%d %s", i+1, p.KeyTypes[i])
 	}
 	_, err := m.exec(ctx, m.pool, "CREATE TABLE "+m.deltaIdent()+
-		" (seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, op \"char\" NOT NULL, "+strings.Join(cols, ", ")+")")
+		" (seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, op \"char\" NOT NULL, rel oid, "+strings.Join(cols, ", ")+")")
 	if err != nil {
 		return fmt.Errorf("create delta: %w", err)
 	}
@@ -71,7 +71,8 @@ func (m *migration) installTrigger(ctx context.Context) error {
 		fmt.Sprintf(`CREATE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
 BEGIN
   IF TG_OP = 'TRUNCATE' THEN
-    INSERT INTO %s (op) VALUES ('T');
+    -- 'T': the whole table; 'P': one partition (rel says which)
+    INSERT INTO %s (op, rel) VALUES (CASE WHEN TG_RELID = %d THEN 'T' ELSE 'P' END, TG_RELID);
     RETURN NULL;
   END IF;
   IF TG_OP <> 'DELETE' THEN
@@ -81,7 +82,7 @@ BEGIN
     INSERT INTO %s (op, %s) VALUES ('D', %s);
   END IF;
   RETURN NULL;
-END $f$`, captureFunc(p), delta, delta, kcols, strings.Join(newVals, ", "),
+END $f$`, captureFunc(p), delta, m.t.OID, delta, kcols, strings.Join(newVals, ", "),
 			strings.Join(oldVals, ", "), strings.Join(newVals, ", "), delta, kcols, strings.Join(oldVals, ", ")),
 	}
 	tx, err := m.pool.Begin(ctx)
@@ -100,12 +101,23 @@ END $f$`, captureFunc(p), delta, delta, kcols, strings.Join(newVals, ", "),
 	// ENABLE ALWAYS: changes applied by a logical replication subscriber
 	// (session_replication_role = replica) must be captured too.
 	return m.withLockRetries(ctx, m.pool, func(ctx context.Context, tx pgx.Tx) error {
-		for _, s := range []string{
+		stmts := []string{
 			fmt.Sprintf("CREATE TRIGGER %s AFTER INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW EXECUTE FUNCTION %s()", qi(triggerName), m.t.ident(), captureFunc(p)),
 			fmt.Sprintf("CREATE TRIGGER %s AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION %s()", qi(truncTriggerName), m.t.ident(), captureFunc(p)),
 			fmt.Sprintf("ALTER TABLE %s ENABLE ALWAYS TRIGGER %s", m.t.ident(), qi(triggerName)),
 			fmt.Sprintf("ALTER TABLE %s ENABLE ALWAYS TRIGGER %s", m.t.ident(), qi(truncTriggerName)),
-		} {
+		}
+		// A TRUNCATE of one partition fires only that partition's triggers.
+		for _, pt := range p.Partitions {
+			if pt.PartKey != "" {
+				continue
+			}
+			part := ident(pt.Schema, pt.Name)
+			stmts = append(stmts,
+				fmt.Sprintf("CREATE TRIGGER %s AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION %s()", qi(truncTriggerName), part, captureFunc(p)),
+				fmt.Sprintf("ALTER TABLE %s ENABLE ALWAYS TRIGGER %s", part, qi(truncTriggerName)))
+		}
+		for _, s := range stmts {
 			if _, err := m.exec(ctx, tx, s); err != nil {
 				return err
 			}
@@ -222,15 +234,18 @@ func Cleanup(ctx context.Context, pool *pgxpool.Pool, tableName string) error {
 
 func cleanup(ctx context.Context, pool *pgxpool.Pool, schema, name string, m *migration) error {
 	tbl := ident(schema, name)
-	var hasTrig bool
-	if err := pool.QueryRow(ctx, `select exists(select 1 from pg_trigger where tgrelid = to_regclass($1) and tgname in ($2, $3))`,
-		tbl, triggerName, truncTriggerName).Scan(&hasTrig); err != nil {
+	// Capture triggers on the table and, for a partitioned table, on its partitions.
+	trigs, err := m.q(ctx, pool, `select quote_ident(n.nspname) || '.' || quote_ident(c.relname), quote_ident(t.tgname)
+		from pg_trigger t join pg_class c on c.oid = t.tgrelid join pg_namespace n on n.oid = c.relnamespace
+		where t.tgrelid in (select relid from pg_partition_tree(to_regclass($1))) and t.tgname in ($2, $3)`,
+		tbl, triggerName, truncTriggerName)
+	if err != nil {
 		return fmt.Errorf("cleanup %s: %w", tbl, err)
 	}
-	if hasTrig {
+	if len(trigs) > 0 {
 		err := m.withLockRetries(ctx, pool, func(ctx context.Context, tx pgx.Tx) error {
-			for _, tg := range []string{triggerName, truncTriggerName} {
-				if _, err := m.exec(ctx, tx, "DROP TRIGGER IF EXISTS "+qi(tg)+" ON "+tbl); err != nil {
+			for _, tg := range trigs {
+				if _, err := m.exec(ctx, tx, "DROP TRIGGER IF EXISTS "+tg[1]+" ON "+tg[0]); err != nil {
 					return err
 				}
 			}

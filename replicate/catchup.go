@@ -3,6 +3,7 @@ package replicate
 import (
 	"context"
 	"fmt"
+	"strconv"
 	"strings"
 	"time"
 
@@ -90,20 +91,6 @@ func (m *migration) applyDeltaTx(ctx context.Context, tx pgx.Tx, limit int64) (i
 	if upto == nil {
 		return 0, nil
 	}
-	// A TRUNCATE of the original empties the shadow: everything before the
-	// marker is gone from the original too, everything after is re-read.
-	var trunc *int64
-	if err := tx.QueryRow(ctx, "SELECT max(seq) FROM "+delta+" WHERE op = 'T' AND seq <= $1", *upto).Scan(&trunc); err != nil {
-		return 0, fmt.Errorf("read delta: %w", err)
-	}
-	from := int64(0)
-	if trunc != nil {
-		if _, err := m.exec(ctx, tx, "TRUNCATE "+m.shadowIdent()); err != nil {
-			return 0, fmt.Errorf("replay truncate: %w", err)
-		}
-		m.event(ctx, m.currentPhase(), "the original was truncated: shadow emptied")
-		from = *trunc
-	}
 	n := len(p.Key)
 	on := make([]string, n)
 	src := make([]string, n)
@@ -113,17 +100,57 @@ func (m *migration) applyDeltaTx(ctx context.Context, tx pgx.Tx, limit int64) (i
 		src[i] = "t." + qi(p.Key[i])
 		kc[i] = fmt.Sprintf("k%d", i+1)
 	}
-	del := fmt.Sprintf("DELETE FROM %s s USING %s d WHERE d.seq > $1 AND d.seq <= $2 AND d.op <> 'T' AND %s",
+	del := fmt.Sprintf("DELETE FROM %s s USING %s d WHERE d.seq > $1 AND d.seq < $2 AND d.op NOT IN ('T', 'P') AND %s",
 		m.shadowIdent(), delta, strings.Join(on, " AND "))
 	ins := fmt.Sprintf(`INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM %s t
-WHERE (%s) IN (SELECT %s FROM %s WHERE seq > $1 AND seq <= $2 AND op <> 'T')`,
+WHERE (%s) IN (SELECT %s FROM %s WHERE seq > $1 AND seq < $2 AND op NOT IN ('T', 'P'))`,
 		m.shadowIdent(), strings.Join(p.InsertCols, ", "), strings.Join(p.SelectExprs, ", "), m.t.ident(),
 		strings.Join(src, ", "), strings.Join(kc, ", "), delta)
-	if _, err := m.exec(ctx, tx, del, from, *upto); err != nil {
-		return 0, fmt.Errorf("apply delta (delete): %w", err)
+	// apply replays the keys with from < seq < to.
+	apply := func(from, to int64) error {
+		if _, err := m.exec(ctx, tx, del, from, to); err != nil {
+			return fmt.Errorf("apply delta (delete): %w", err)
+		}
+		if _, err := m.exec(ctx, tx, ins, from, to); err != nil {
+			return fmt.Errorf("apply delta (insert): %w", err)
+		}
+		return nil
 	}
-	if _, err := m.exec(ctx, tx, ins, from, *upto); err != nil {
-		return 0, fmt.Errorf("apply delta (insert): %w", err)
+	// TRUNCATE markers split the slice: the keys before a marker are applied,
+	// then the shadow (or the shadow of the truncated partition) is emptied,
+	// and the keys after it are re-read. Keys before a whole-table TRUNCATE
+	// need no replay: those rows are gone from the original too.
+	markers, err := m.q(ctx, tx, "SELECT seq::text, op::text, coalesce(rel, 0)::text FROM "+delta+
+		" WHERE op IN ('T', 'P') AND seq <= $1 ORDER BY seq", *upto)
+	if err != nil {
+		return 0, err
+	}
+	from := int64(0)
+	for _, mk := range markers {
+		seq, _ := strconv.ParseInt(mk[0], 10, 64)
+		target := m.shadowIdent()
+		if mk[1] == "P" {
+			if err := apply(from, seq); err != nil {
+				return 0, err
+			}
+			target = ""
+			for _, pt := range p.Partitions {
+				if fmt.Sprint(pt.OID) == mk[2] {
+					target = ident(pt.Schema, partShadow(pt))
+				}
+			}
+			if target == "" {
+				return 0, fmt.Errorf("a partition (oid %s) unknown when the job started was truncated", mk[2])
+			}
+		}
+		if _, err := m.exec(ctx, tx, "TRUNCATE "+target); err != nil {
+			return 0, fmt.Errorf("replay truncate: %w", err)
+		}
+		m.event(ctx, m.currentPhase(), "a TRUNCATE of the original was replayed on "+target)
+		from = seq
+	}
+	if err := apply(from, *upto+1); err != nil {
+		return 0, err
 	}
 	tag, err := m.exec(ctx, tx, "DELETE FROM "+delta+" WHERE seq <= $1", *upto)
 	if err != nil {

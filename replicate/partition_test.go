@@ -83,3 +83,30 @@ analyze m;`)
 		t.Fatal("hash partition empty")
 	}
 }
+
+// TRUNCATE of one partition during the run empties only that partition.
+func TestPartitionTruncate(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.exec(`create table p (id int primary key, v text) partition by range (id);
+		create table p1 partition of p for values from (0) to (1000);
+		create table p2 partition of p for values from (1000) to (2000);
+		insert into p select g, 'x' from generate_series(1, 1999) g`)
+	o := opts("alter table p alter column v type varchar(20)")
+	o.StopBeforeSwitch = true
+	if err := e.run(o); err != nil {
+		t.Fatal(err)
+	}
+	e.exec("update p set v = 'y' where id in (5, 1005); truncate p1; insert into p values (7, 'after')")
+	o.StopBeforeSwitch, o.Continue = false, true
+	if err := e.run(o); err != nil {
+		t.Fatal(err)
+	}
+	if got := e.str("select count(*) || ' ' || count(*) filter (where v = 'y') || ' ' || (select v from p where id = 7) from p"); got != "1001 1 after" {
+		t.Fatalf("after partition truncate: %s", got)
+	}
+	e.assertNoLeftovers("p")
+	if n := e.str("select count(*) from pg_trigger t join pg_class c on c.oid = t.tgrelid where c.relname like 'p%'"); n != "0" {
+		t.Fatalf("%s triggers left", n)
+	}
+}
