@@ -237,7 +237,7 @@ func cleanup(ctx context.Context, pool *pgxpool.Pool, schema, name string, m *mi
 	// Capture triggers on the table and, for a partitioned table, on its partitions.
 	trigs, err := m.q(ctx, pool, `select quote_ident(n.nspname) || '.' || quote_ident(c.relname), quote_ident(t.tgname)
 		from pg_trigger t join pg_class c on c.oid = t.tgrelid join pg_namespace n on n.oid = c.relnamespace
-		where t.tgrelid in (select relid from pg_partition_tree(to_regclass($1))) and t.tgname in ($2, $3)`,
+		where (t.tgrelid = to_regclass($1) or t.tgrelid in (select relid from pg_partition_tree(to_regclass($1)))) and t.tgname in ($2, $3)`,
 		tbl, triggerName, truncTriggerName)
 	if err != nil {
 		return fmt.Errorf("cleanup %s: %w", tbl, err)
