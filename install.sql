@@ -439,12 +439,15 @@ declare
         'lock_timeout', '00:00:00.2', 'time_between_locks', '00:00:02', 'min_delta_rows', 1000,
         'work_mem', null, 'maintenance_work_mem', null, 'max_parallel_maintenance_workers', null,
         'switch', 'auto', 'skip_fk_validation', false,
-        'max_replica_lag', null, 'max_active_sessions', null, 'throttle_query', null);
+        'max_replica_lag', null, 'max_active_sessions', null, 'throttle_query', null,
+        'verify', false, 'vacuum_freeze', false, 'copy_data_filter', null,
+        'command_before_switch', null, 'command_after_switch', null);
     o        jsonb;
     unknown  text;
     v_capture text; v_cdj int; v_cij int; v_batch int; v_lt interval; v_tbl interval;
     v_mdr bigint; v_wm text; v_mwm text; v_mpmw int; v_switch text; v_skip boolean;
     v_mrl interval; v_mas int; v_tq text;
+    v_verify boolean; v_freeze boolean; v_filter text; v_before text; v_after text;
 begin
     if opts is null or jsonb_typeof(opts) <> 'object' then
         opts := '{}';
@@ -471,6 +474,11 @@ begin
         v_mrl := (o->>'max_replica_lag')::interval;
         v_mas := (o->>'max_active_sessions')::int;
         v_tq := nullif(btrim(o->>'throttle_query'), '');
+        v_verify := (o->>'verify')::boolean;
+        v_freeze := (o->>'vacuum_freeze')::boolean;
+        v_filter := nullif(btrim(o->>'copy_data_filter'), '');
+        v_before := nullif(btrim(o->>'command_before_switch'), '');
+        v_after := nullif(btrim(o->>'command_after_switch'), '');
     exception when others then
         raise exception using errcode = '22023', message = format('invalid option value: %s', sqlerrm);
     end;
@@ -512,6 +520,11 @@ begin
     if v_skip is null then
         raise exception using errcode = '22023', message = 'skip_fk_validation must not be NULL';
     end if;
+    if v_verify is null or v_freeze is null then
+        raise exception using errcode = '22023', message = 'verify and vacuum_freeze must not be NULL';
+    end if;
+    -- copy_data_filter is checked by tatd with the PostgreSQL parser (one
+    -- boolean expression); the switch commands run with the caller's rights.
     if v_mrl is not null and v_mrl <= interval '0' then
         raise exception using errcode = '22023', message = format('max_replica_lag must be positive (or NULL for no limit), not %s', v_mrl);
     end if;
@@ -534,7 +547,9 @@ begin
         'lock_timeout', v_lt::text, 'time_between_locks', v_tbl::text, 'min_delta_rows', v_mdr,
         'work_mem', v_wm, 'maintenance_work_mem', v_mwm, 'max_parallel_maintenance_workers', v_mpmw,
         'switch', v_switch, 'skip_fk_validation', v_skip,
-        'max_replica_lag', v_mrl::text, 'max_active_sessions', v_mas, 'throttle_query', v_tq);
+        'max_replica_lag', v_mrl::text, 'max_active_sessions', v_mas, 'throttle_query', v_tq,
+        'verify', v_verify, 'vacuum_freeze', v_freeze, 'copy_data_filter', v_filter,
+        'command_before_switch', v_before, 'command_after_switch', v_after);
 end
 $$;
 
@@ -852,6 +867,8 @@ $$;
 -- (Earlier versions had no throttling arguments; their signature is dropped
 -- so that calls do not become ambiguous.)
 drop function if exists tat.alter(text, text, int, int, int, interval, interval, bigint, text, text, int, text, boolean);
+drop function if exists tat.alter(text, text, int, int, int, interval, interval, bigint, text, text, int, text, boolean,
+                                  interval, int, text);
 create or replace function tat.alter(
     command text,
     capture text default 'trigger',
@@ -868,7 +885,12 @@ create or replace function tat.alter(
     skip_fk_validation boolean default false,
     max_replica_lag interval default null,
     max_active_sessions int default null,
-    throttle_query text default null
+    throttle_query text default null,
+    verify boolean default false,
+    copy_data_filter text default null,
+    command_before_switch text default null,
+    command_after_switch text default null,
+    vacuum_freeze boolean default false
 ) returns bigint
 language plpgsql volatile security invoker  -- caller's search_path resolves the table
 as $$
@@ -891,7 +913,12 @@ begin
         'skip_fk_validation', alter.skip_fk_validation,
         'max_replica_lag', alter.max_replica_lag::text,
         'max_active_sessions', alter.max_active_sessions,
-        'throttle_query', alter.throttle_query))
+        'throttle_query', alter.throttle_query,
+        'verify', alter.verify,
+        'copy_data_filter', alter.copy_data_filter,
+        'command_before_switch', alter.command_before_switch,
+        'command_after_switch', alter.command_after_switch,
+        'vacuum_freeze', alter.vacuum_freeze))
     returning id into v_id;
     return v_id;
 exception when unique_violation then
@@ -1098,7 +1125,7 @@ grant insert (action, job, table_oid) on tat.requests to public;
 grant select (id) on tat.requests to public;              -- for tat.cleanup's RETURNING id
 
 grant execute on function tat.alter(text, text, int, int, int, interval, interval, bigint, text, text, int, text, boolean,
-                                    interval, int, text) to public;
+                                    interval, int, text, boolean, text, text, text, boolean) to public;
 grant insert (option, value) on tat.requests to public;
 grant execute on function tat.cancel(bigint), tat.pause(bigint), tat.resume(bigint), tat.switch(bigint),
                           tat.set(bigint, text, text),

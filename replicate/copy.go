@@ -151,6 +151,7 @@ func (m *migration) copyRange(ctx context.Context, r copyRange) error {
 	}
 	build := func(lo, hi []string) (string, []any) {
 		w, args := rangeCond(keyT, p.KeyTypes, lo, hi)
+		w = m.filterWhere(w)
 		return fmt.Sprintf(`WITH src AS (SELECT %s FROM %s t%s ORDER BY %s LIMIT $%d),
 ins AS (INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM src)
 SELECT count(*) OVER (), ARRAY[%s] FROM src ORDER BY %s LIMIT 1`,

@@ -112,6 +112,9 @@ func (m *migration) swap(ctx context.Context, tx pgx.Tx) (*dependents, error) {
 		}
 		return nil
 	}
+	if err := m.switchCommand(ctx, tx, m.opts.CommandBeforeSwitch, "command before switch"); err != nil {
+		return nil, err
+	}
 	if err := run("detach dependents", d.before); err != nil {
 		return nil, err
 	}
@@ -151,6 +154,9 @@ func (m *migration) swap(ctx context.Context, tx pgx.Tx) (*dependents, error) {
 		}
 	}
 	if err := run("re-create dependents", d.after); err != nil {
+		return nil, err
+	}
+	if err := m.switchCommand(ctx, tx, m.opts.CommandAfterSwitch, "command after switch"); err != nil {
 		return nil, err
 	}
 	if err := m.hook(ctx, tx, PhaseSwitch); err != nil {

@@ -44,6 +44,22 @@ type Options struct {
 	// are kept). --continue-create-indexes and --continue-switch-table map here.
 	Continue bool
 
+	// CopyDataFilter is a boolean SQL expression over the original's columns:
+	// only matching rows are copied, and the delta apply re-reads rows with
+	// the same filter, so the new table holds exactly the rows matching at
+	// the switch (the original's --copy-data-filter).
+	CopyDataFilter string
+	// CommandBeforeSwitch / CommandAfterSwitch run inside the cut-over
+	// transaction (after the lock and the last delta / after the swap), as
+	// RunAs when set.
+	CommandBeforeSwitch, CommandAfterSwitch string
+	// DryRun checks everything and prints the plan and the statements of
+	// prepare (run in a transaction that is rolled back); nothing changes.
+	DryRun bool
+	// VacuumFreeze runs VACUUM (FREEZE, ANALYZE) on the loaded shadow instead
+	// of ANALYZE, so the new table causes no anti-wraparound vacuum later.
+	VacuumFreeze bool
+
 	// Verify proves the shadow equal to the transformed original before the
 	// switch (phase verify), recopying ranges that differ.
 	Verify bool

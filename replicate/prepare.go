@@ -298,10 +298,14 @@ func (m *migration) prepare(ctx context.Context) error {
 	if err := createState(ctx, m, tx, p); err != nil {
 		return err
 	}
+	m.plan = p
+	if m.opts.DryRun {
+		return errDryRun // the deferred rollback undoes everything
+	}
 	if err := tx.Commit(ctx); err != nil {
+		m.plan = nil
 		return fmt.Errorf("commit prepare: %w", err)
 	}
-	m.plan = p
 	return nil
 }
 

@@ -34,6 +34,7 @@ type migration struct {
 
 	validations []string // VALIDATE CONSTRAINT statements left by the switch
 	swapped     bool
+	filter      string // CopyDataFilter as deparsed by the parser, or ""
 	capture     capture
 	steer       steering
 	snapshot    string // exported snapshot every copy batch must use ("" for trigger capture)
@@ -74,6 +75,12 @@ func (m *migration) run(ctx context.Context) error {
 		return err
 	}
 	defer closeOwner()
+	if err := m.parseFilter(); err != nil {
+		return err
+	}
+	if m.opts.DryRun {
+		return m.dryRun(ctx)
+	}
 	if !m.cmd.NeedsRewrite() {
 		return m.runDirect(ctx)
 	}
@@ -131,10 +138,7 @@ func (m *migration) phases(ctx context.Context, resumed bool) error {
 		return fmt.Errorf("index: %w", err)
 	}
 	m.setPhase(ctx, PhaseAnalyze)
-	if err := pgx.BeginFunc(ctx, m.pool, func(tx pgx.Tx) error {
-		_, err := m.exec(ctx, tx, pinnedPath+"; ANALYZE "+m.shadowIdent())
-		return err
-	}); err != nil {
+	if err := m.analyze(ctx); err != nil {
 		return fmt.Errorf("analyze: %w", err)
 	}
 	m.setPhase(ctx, PhaseCatchup)

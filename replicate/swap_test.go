@@ -2,7 +2,6 @@ package replicate_test
 
 import (
 	"os/exec"
-	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
@@ -107,11 +106,7 @@ func TestSwapKeepsEverything(t *testing.T) {
 
 func (e *env) dump(t *testing.T) string {
 	t.Helper()
-	bin, err := testpg.BinDir()
-	if err != nil {
-		t.Fatal(err)
-	}
-	out, err := exec.Command(filepath.Join(bin, "pg_dump"), "-s", "-d", e.url).CombinedOutput()
+	out, err := exec.Command(testpg.PgDump(t, e.url), "-s", "-d", e.url).CombinedOutput()
 	if err != nil {
 		t.Fatalf("pg_dump: %v: %s", err, out)
 	}

@@ -66,6 +66,7 @@ func (m *migration) verify(ctx context.Context) error {
 					return err
 				}
 				sc, sargs := rangeCond(srcKeys, p.KeyTypes, r.lo, r.hi)
+				sc = m.filterWhere(sc)
 				dc, dargs := rangeCond(dstKeys, p.KeyTypes, r.lo, r.hi)
 				var sn, dn int64
 				var sh, dh string

@@ -20,6 +20,11 @@ type jobOptions struct {
 	MaxParallelMaintenanceWorkers *int    `json:"max_parallel_maintenance_workers"`
 	Switch                        string  `json:"switch"`
 	SkipFKValidation              bool    `json:"skip_fk_validation"`
+	Verify                        bool    `json:"verify"`
+	VacuumFreeze                  bool    `json:"vacuum_freeze"`
+	CopyDataFilter                *string `json:"copy_data_filter"`
+	CommandBeforeSwitch           *string `json:"command_before_switch"`
+	CommandAfterSwitch            *string `json:"command_after_switch"`
 }
 
 // Options converts a job row into engine options: defaults of
@@ -75,6 +80,13 @@ func Options(j Job) (replicate.Options, error) {
 		return o, fmt.Errorf("options of migration %d: switch must be auto or manual, not %q", j.ID, jo.Switch)
 	}
 	o.SkipFKValidation = jo.SkipFKValidation
+	o.Verify, o.VacuumFreeze = jo.Verify, jo.VacuumFreeze
+	for dst, src := range map[*string]*string{&o.CopyDataFilter: jo.CopyDataFilter,
+		&o.CommandBeforeSwitch: jo.CommandBeforeSwitch, &o.CommandAfterSwitch: jo.CommandAfterSwitch} {
+		if src != nil {
+			*dst = *src
+		}
+	}
 	o.Continue = j.Attempts > 1
 	if err := o.Validate(); err != nil {
 		return o, fmt.Errorf("options of migration %d: %w", j.ID, err)

@@ -25,6 +25,8 @@ const usage = `usage: pg_tat [--help] [-c COMMAND] [-h HOST] [-d DBNAME] [-U USE
               [--max-parallel-maintenance-workers MAX_PARALLEL_MAINTENANCE_WORKERS] [--copy-data-jobs COPY_DATA_JOBS] [--create-index-jobs CREATE_INDEX_JOBS] [--cleanup] [--continue-create-indexes]
               [--no-switch-table] [--continue-switch-table] [--lock-timeout LOCK_TIMEOUT] [--time-between-locks TIME_BETWEEN_LOCKS] [--min-delta-rows MIN_DELTA_ROWS] [--skip-fk-validation]
               [--show-queries] [--batch-size BATCH_SIZE] [--capture {trigger,logical}] [--verify] [--install]
+              [--dry-run] [--copy-data-filter SQL] [--command-before-switch SQL] [--command-after-switch SQL]
+              [--echo-queries] [--vacuum-freeze]
 
 PostgreSQL tool for alter table without locks.
 
@@ -57,6 +59,16 @@ options:
  --capture CAPTURE     trigger (default) or logical
  --verify              before the switch, prove the shadow equals the transformed table
  --install             install or upgrade schema tat (for the tatd sidecar) and exit
+ --dry-run             check everything, print the plan and every statement; change nothing
+ --copy-data-filter SQL
+                       copy only rows matching this expression (rows changed during the run
+                       are re-read with it: the new table holds the rows matching at the switch)
+ --command-before-switch SQL
+                       run inside the cut-over transaction, after the lock and the last delta
+ --command-after-switch SQL
+                       run inside the cut-over transaction, after the swap
+ --echo-queries        same as --show-queries
+ --vacuum-freeze       VACUUM (FREEZE, ANALYZE) the new table after the load
 `
 
 func main() {
@@ -72,6 +84,8 @@ type cli struct {
 	minDelta                                    int64
 	skipFK, showQueries, help, install, verify  bool
 	capture                                     string
+	filter, before, after                       string
+	dryRun, echo, freeze                        bool
 }
 
 func parse(args []string, stderr io.Writer) (*cli, error) {
@@ -108,6 +122,12 @@ func parse(args []string, stderr io.Writer) (*cli, error) {
 	fs.BoolVar(&c.help, "help", false, "")
 	fs.BoolVar(&c.install, "install", false, "")
 	fs.BoolVar(&c.verify, "verify", false, "")
+	str(&c.filter, "", "copy-data-filter")
+	str(&c.before, "", "command-before-switch")
+	str(&c.after, "", "command-after-switch")
+	fs.BoolVar(&c.dryRun, "dry-run", false, "")
+	fs.BoolVar(&c.echo, "echo-queries", false, "")
+	fs.BoolVar(&c.freeze, "vacuum-freeze", false, "")
 	str(&c.capture, d.Capture, "capture")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
@@ -129,6 +149,10 @@ func (c *cli) options() (replicate.Options, error) {
 	o.MaxParallelMaintenanceWorkers = c.maxParallel
 	o.SkipFKValidation = c.skipFK
 	o.Verify = c.verify
+	o.CopyDataFilter = c.filter
+	o.CommandBeforeSwitch, o.CommandAfterSwitch = c.before, c.after
+	o.DryRun = c.dryRun
+	o.VacuumFreeze = c.freeze
 	o.Continue = c.continueIdx || c.contSwitch
 	o.StopBeforeSwitch = c.noSwitch
 	var err error
@@ -233,7 +257,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "pg_tat: %v\n", err)
 		return 2
 	}
-	if c.showQueries {
+	if c.showQueries || c.echo || c.dryRun {
 		o.ShowQueries = func(sql string) { fmt.Fprintf(stderr, "%s;\n", sql) }
 	}
 	prog := newProgress(stdout)

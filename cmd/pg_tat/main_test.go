@@ -116,7 +116,8 @@ func TestFlags(t *testing.T) {
 	c, err := parse([]string{"-h", "db1", "-p", "6543", "-d", "x", "-U", "u", "-W", "p'w", "-c", "alter table t add column x int",
 		"--work-mem", "64MB", "--maintenance-work-mem", "1GB", "--max-parallel-maintenance-workers", "2",
 		"--copy-data-jobs", "3", "--create-index-jobs", "4", "--continue-create-indexes", "--lock-timeout", "5",
-		"--time-between-locks", "10", "--min-delta-rows", "100", "--skip-fk-validation", "--batch-size", "500", "--verify"}, &errb)
+		"--time-between-locks", "10", "--min-delta-rows", "100", "--skip-fk-validation", "--batch-size", "500", "--verify",
+		"--copy-data-filter", "a > 0", "--command-before-switch", "select 1", "--command-after-switch", "select 2", "--vacuum-freeze"}, &errb)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -126,7 +127,8 @@ func TestFlags(t *testing.T) {
 	}
 	if o.CopyDataJobs != 3 || o.CreateIndexJobs != 4 || o.BatchSize != 500 || o.MinDeltaRows != 100 || !o.SkipFKValidation ||
 		!o.Continue || o.LockTimeout.Seconds() != 5 || o.TimeBetweenLocks.Seconds() != 10 || o.WorkMem != "64MB" ||
-		o.MaintenanceWorkMem != "1GB" || o.MaxParallelMaintenanceWorkers != 2 || !o.Verify {
+		o.MaintenanceWorkMem != "1GB" || o.MaxParallelMaintenanceWorkers != 2 || !o.Verify ||
+		o.CopyDataFilter != "a > 0" || o.CommandBeforeSwitch != "select 1" || o.CommandAfterSwitch != "select 2" || !o.VacuumFreeze {
 		t.Fatalf("options %+v", o)
 	}
 	if dsn := c.dsn(); !strings.Contains(dsn, `password='p\'w'`) || !strings.Contains(dsn, "host='db1'") {
