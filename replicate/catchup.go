@@ -17,6 +17,10 @@ import (
 // same snapshot: a delta row committed in between is neither half-applied
 // nor deleted unapplied; the next round takes it.
 
+// maxSwitchLag is how much WAL logical capture may still have to read when
+// the catch-up hands over to the switch.
+const maxSwitchLag = 8 << 20
+
 // catchup applies the delta until the backlog is below min_delta_rows,
 // giving up after CatchupTimeout when writers outpace it.
 func (m *migration) catchup(ctx context.Context) error {
@@ -33,8 +37,18 @@ func (m *migration) catchup(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		if backlog < m.opts.MinDeltaRows || (n == 0 && backlog == 0) {
+		// Logical capture: the delta is only complete once the stream is
+		// close to the WAL's end, else the switch would wait for it under lock.
+		streamBehind := m.capture != nil && m.capture.lagBytes() > maxSwitchLag
+		if !streamBehind && (backlog < m.opts.MinDeltaRows || (n == 0 && backlog == 0)) {
 			return nil
+		}
+		if n == 0 {
+			select { // nothing to apply yet: let the stream catch up
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(50 * time.Millisecond):
+			}
 		}
 		if m.opts.CatchupTimeout > 0 && time.Since(start) > m.opts.CatchupTimeout {
 			return fmt.Errorf("delta backlog still %d rows after %s: writes outpace the catch-up", backlog, m.opts.CatchupTimeout)
