@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"strconv"
-	"sync"
 
 	"github.com/jackc/pgx/v5"
 )
@@ -32,41 +31,13 @@ func (m *migration) buildIndexes(ctx context.Context) error {
 		}
 		existing[r[0]] = true
 	}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	work := make(chan shadowIndex)
-	var wg sync.WaitGroup
-	var once sync.Once
-	var firstErr error
-	for w := 0; w < m.opts.CreateIndexJobs; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for si := range work {
-				if err := m.buildIndex(ctx, si); err != nil {
-					once.Do(func() { firstErr = err; cancel() })
-					return
-				}
-			}
-		}()
-	}
-feed:
+	var todo []shadowIndex
 	for _, si := range p.Indexes {
-		if si.Exclusion || existing[si.Name] {
-			continue
-		}
-		select {
-		case work <- si:
-		case <-ctx.Done():
-			break feed
+		if !si.Exclusion && !existing[si.Name] {
+			todo = append(todo, si)
 		}
 	}
-	close(work)
-	wg.Wait()
-	if firstErr != nil {
-		return firstErr
-	}
-	if err := ctx.Err(); err != nil {
+	if err := parallel(ctx, m.opts.CreateIndexJobs, todo, m.buildIndex); err != nil {
 		return err
 	}
 	return pgx.BeginFunc(ctx, m.pool, func(tx pgx.Tx) error {
