@@ -1,9 +1,12 @@
 package replicate_test
 
 import (
+	"context"
 	"os/exec"
 	"regexp"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/pgtat/pg_tat/internal/testpg"
@@ -55,10 +58,13 @@ comment on table orders is 'the orders';
 comment on column orders.amount is 'in euros';
 comment on index orders_partial is 'partial index';
 comment on view v_orders is 'a view';
-create publication pub_orders for table orders (id, customer, amount, n) where (amount > 1);
+create publication pub_orders for table orders where (amount > 1);
+create publication pub_lines for table lines (id, order_id);
 alter table orders replica identity full;
 create statistics orders_stats (ndistinct) on customer, n from orders;
 alter table orders cluster on orders_expr;
+create table orders_ctl (id int primary key, amount numeric(10,2));
+insert into orders_ctl select id, amount from orders;
 analyze orders;
 `
 
@@ -68,24 +74,56 @@ analyze orders;
 func TestSwapKeepsEverything(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	e.exec(richSchema)
+	e.exec(pubFeatures(t, richSchema))
 	t.Cleanup(func() {
 		e.pool.Exec(t.Context(), "drop owned by tat_reader, tat_writer cascade; drop role tat_reader; drop role tat_writer")
 	})
 	before := e.dump(t)
 	seqBefore := e.str("select last_value from orders_id_seq")
 	codeBefore := e.str("select max(code) from orders")
-	rowsBefore := e.str("select md5(string_agg(t::text, ',' order by id)) from orders t")
+	const stable = "select md5(string_agg(concat_ws('|', id, code, customer, body, parent, n), ',' order by id)) from orders"
+	rowsBefore := e.str(stable)
 
-	if err := e.run(opts("alter table orders alter column n type bigint")); err != nil {
+	// A writer updates amount (and through it the generated column) in
+	// orders and its control, in one transaction, during the whole run.
+	var stop atomic.Bool
+	var wg sync.WaitGroup
+	var writes atomic.Int64
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		ctx := context.Background()
+		for i := 0; !stop.Load(); i++ {
+			id := 1 + i*7%3000
+			tx, err := e.pool.Begin(ctx)
+			if err != nil {
+				return
+			}
+			_, err1 := tx.Exec(ctx, "update orders set amount = amount + 1 where id = $1", id)
+			_, err2 := tx.Exec(ctx, "update orders_ctl set amount = amount + 1 where id = $1", id)
+			if err1 == nil && err2 == nil && tx.Commit(ctx) == nil {
+				writes.Add(1)
+			} else {
+				_ = tx.Rollback(ctx)
+			}
+		}
+	}()
+	err := e.run(opts("alter table orders alter column n type bigint"))
+	stop.Store(true)
+	wg.Wait()
+	if err != nil {
 		t.Fatal(err)
 	}
+	if writes.Load() == 0 {
+		t.Fatal("the writer wrote nothing")
+	}
+	e.assertSame("(select id, amount, doubled from orders) a", "(select id, amount, amount * 2 from orders_ctl) b", "*")
 	after := e.dump(t)
 	want := strings.Replace(before, "    n integer,", "    n bigint,", 1)
 	if want != after {
 		t.Fatalf("schema differs beyond the ALTER:\n%s", diff(want, after))
 	}
-	if got := e.str("select md5(string_agg(t::text, ',' order by id)) from orders t"); got != rowsBefore {
+	if got := e.str(stable); got != rowsBefore {
 		t.Fatal("rows changed")
 	}
 	if got := e.str("select last_value from orders_id_seq"); got != seqBefore {
@@ -113,6 +151,15 @@ func (e *env) dump(t *testing.T) string {
 	// Dump comments carry no OIDs, but settings lines vary; keep the DDL.
 	s := regexp.MustCompile(`(?m)^(--|\\restrict|\\unrestrict).*$\n?`).ReplaceAllString(string(out), "")
 	return regexp.MustCompile(`\n{2,}`).ReplaceAllString(s, "\n")
+}
+
+// pubFeatures drops publication column lists and row filters (PostgreSQL
+// 15+) from "create publication NAME for table TABLE ...;" lines before 15.
+func pubFeatures(t *testing.T, sql string) string {
+	if testpg.Version(t) >= 150000 {
+		return sql
+	}
+	return regexp.MustCompile(`(?m)(create publication \w+ for table \w+)[^;\n]*;`).ReplaceAllString(sql, "$1;")
 }
 
 func diff(a, b string) string {
@@ -144,4 +191,24 @@ func diff(a, b string) string {
 		return "(same lines, different order)"
 	}
 	return strings.Join(out, "\n")
+}
+
+// Publication column list and row filter, and REPLICA IDENTITY USING INDEX.
+func TestSwapKeepsPublicationColumnsAndIdentityIndex(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.exec(pubFeatures(t, `create table pubt (id int primary key, a int not null, b int);
+		create unique index pubt_a on pubt (a);
+		alter table pubt replica identity using index pubt_a;
+		create publication p_cols for table pubt (id, a) where (a > 0);
+		insert into pubt select g, g, g from generate_series(1, 1000) g`))
+	before := e.dump(t)
+	if err := e.run(opts("alter table pubt alter column b type bigint")); err != nil {
+		t.Fatal(err)
+	}
+	want := strings.Replace(before, "    b integer\n", "    b bigint\n", 1)
+	if after := e.dump(t); want != after {
+		t.Fatalf("schema differs beyond the ALTER:\n%s", diff(want, after))
+	}
+	e.exec("update pubt set b = b + 1 where id = 1")
 }
