@@ -671,43 +671,9 @@ func (c *logicalCapture) markerSeen(token string) {
 // not carry the membership over to the new table.
 func (c *logicalCapture) sync(ctx context.Context, tx pgx.Tx) error {
 	m := c.m
-	if c.done == nil {
-		return errors.New("logical capture is not streaming")
-	}
-	token := fmt.Sprintf("%s/%d/%d", c.slot, time.Now().UnixNano(), c.markerSeq.Add(1))
-	emit := "SELECT pg_logical_emit_message(false, $1, $2)"
-	if c.version >= 170000 {
-		emit = "SELECT pg_logical_emit_message(false, $1, $2, true)"
-	}
 	started := time.Now()
-	if _, err := m.exec(ctx, tx, emit, logicalMsgPrefix, token); err != nil {
-		return fmt.Errorf("emit cut-over marker: %w", err)
-	}
-	if c.version < 170000 {
-		c.pendingMarkers.Add(1)
-	}
-	timer := time.NewTimer(logicalSyncTimeout)
-	defer timer.Stop()
-	for {
-		c.mu.Lock()
-		seen, ended, serr, ch := c.markers[token], c.ended, c.err, c.notify
-		if seen {
-			delete(c.markers, token)
-		}
-		c.mu.Unlock()
-		if seen {
-			break
-		}
-		if ended {
-			return fmt.Errorf("the replication stream has ended: %w", serr)
-		}
-		select {
-		case <-ch:
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-timer.C:
-			return fmt.Errorf("the replication stream did not reach the cut-over marker within %s (%d bytes behind)", logicalSyncTimeout, c.lagBytes())
-		}
+	if _, err := c.marker(ctx, tx, logicalSyncTimeout); err != nil {
+		return err
 	}
 	m.event(ctx, PhaseSwitch, fmt.Sprintf("stream consumed up to the cut-over marker in %s", time.Since(started).Round(time.Millisecond)))
 	if _, err := m.exec(ctx, tx, "ALTER PUBLICATION "+qi(c.pub)+" DROP TABLE "+m.t.ident()); err != nil {
@@ -789,25 +755,31 @@ func (c *logicalCapture) lagBytes() int64 {
 	if c.slot == "" || c.stopped.Load() {
 		return 0
 	}
-	if c.streaming.Load() {
-		end, acked := c.walEnd.Load(), c.acked.Load()
-		if end > acked {
-			return int64(end - acked)
-		}
-		return 0
-	}
 	c.lagMu.Lock()
 	defer c.lagMu.Unlock()
-	if time.Since(c.lagAt) < time.Second {
+	every := time.Second
+	if c.streaming.Load() {
+		every = 200 * time.Millisecond // the catch-up waits on it before the switch
+	}
+	if time.Since(c.lagAt) < every {
 		return c.lag
 	}
 	c.lagAt = time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
+	// Against the server's WAL end: the positions in the stream itself only
+	// say how far the walsender has decoded, not how far it still has to go.
 	var lag *int64
-	if err := c.m.admin.QueryRow(ctx, `select pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint
-		from pg_replication_slots where slot_name = $1`, c.slot).Scan(&lag); err == nil && lag != nil {
-		c.lag = *lag
+	var err error
+	if c.streaming.Load() {
+		err = c.m.admin.QueryRow(ctx, `select pg_wal_lsn_diff(pg_current_wal_lsn(), $1::pg_lsn)::bigint`,
+			pglogrepl.LSN(c.acked.Load()).String()).Scan(&lag)
+	} else {
+		err = c.m.admin.QueryRow(ctx, `select pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint
+			from pg_replication_slots where slot_name = $1`, c.slot).Scan(&lag)
+	}
+	if err == nil && lag != nil {
+		c.lag = max(*lag, 0)
 	}
 	return c.lag
 }
@@ -856,4 +828,64 @@ func cleanupLogical(ctx context.Context, m *migration, pool *pgxpool.Pool, schem
 		return fmt.Errorf("drop leftover slot: %w", err)
 	}
 	return nil
+}
+
+// marker writes a marker into WAL through db and waits (up to wait) until
+// the consumer has decoded it and committed every key before it. It reports
+// false when the wait ran out before an error.
+func (c *logicalCapture) marker(ctx context.Context, db execer, wait time.Duration) (bool, error) {
+	m := c.m
+	if c.done == nil {
+		return false, errors.New("logical capture is not streaming")
+	}
+	token := fmt.Sprintf("%s/%d/%d", c.slot, time.Now().UnixNano(), c.markerSeq.Add(1))
+	emit := "SELECT pg_logical_emit_message(false, $1, $2)"
+	if c.version >= 170000 {
+		emit = "SELECT pg_logical_emit_message(false, $1, $2, true)"
+	}
+	if _, err := m.exec(ctx, db, emit, logicalMsgPrefix, token); err != nil {
+		return false, fmt.Errorf("emit marker: %w", err)
+	}
+	if c.version < 170000 {
+		c.pendingMarkers.Add(1)
+		// Wake the consumer now (its read deadline expires at once) so it
+		// forces the WAL flush without waiting for its next wake-up.
+		_ = c.repl.Conn().SetReadDeadline(time.Now())
+	}
+	timer := time.NewTimer(wait)
+	defer timer.Stop()
+	for {
+		c.mu.Lock()
+		seen, ended, serr, ch := c.markers[token], c.ended, c.err, c.notify
+		if seen {
+			delete(c.markers, token)
+		}
+		c.mu.Unlock()
+		if seen {
+			return true, nil
+		}
+		if ended {
+			return false, fmt.Errorf("the replication stream has ended: %w", serr)
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return false, ctx.Err()
+		case <-timer.C:
+			if wait == logicalSyncTimeout {
+				return false, fmt.Errorf("the replication stream did not reach the cut-over marker within %s (%d bytes behind)", wait, c.lagBytes())
+			}
+			return false, nil
+		}
+	}
+}
+
+// caughtUp is the catch-up's test before the switch: a marker written now
+// is decoded within a second. Unlike a byte count it holds on a server
+// whose other databases write WAL all the time.
+func (c *logicalCapture) caughtUp(ctx context.Context) (bool, error) {
+	if c.done == nil {
+		return true, nil
+	}
+	return c.marker(ctx, c.m.admin, time.Second)
 }

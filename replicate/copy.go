@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
+	"strconv"
 	"strings"
 
 	"github.com/jackc/pgx/v5"
@@ -91,7 +93,135 @@ func (m *migration) copyData(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("read ranges: %w", err)
 	}
+	if len(m.plan.Key) == 1 && isIntType(m.plan.KeyTypes[0]) && len(todo) > 0 {
+		// Bounds and density of the key, read in the copy's snapshot.
+		var kmin, kmax *int64
+		var est int64
+		err := m.batchTx(ctx, func(tx pgx.Tx) error {
+			k := qi(m.plan.Key[0])
+			return tx.QueryRow(ctx, fmt.Sprintf("SELECT min(%s)::bigint, max(%s)::bigint FROM %s", k, k, m.t.ident())).Scan(&kmin, &kmax)
+		})
+		if err != nil {
+			return fmt.Errorf("key bounds: %w", err)
+		}
+		if kmin == nil { // empty table
+			_, err := m.exec(ctx, m.pool, "UPDATE "+m.stateIdent()+" SET done = true")
+			return err
+		}
+		// A never-analysed table has no estimate: assume dense keys.
+		step := float64(m.opts.BatchSize)
+		if est = m.t.EstRows; est > 0 {
+			step = float64(m.opts.BatchSize) * (float64(*kmax) - float64(*kmin) + 1) / float64(est)
+		}
+		return parallel(ctx, m.opts.CopyDataJobs, todo, func(ctx context.Context, r copyRange) error {
+			return m.copyIntRange(ctx, r, *kmin, *kmax, max(step, 1))
+		})
+	}
 	return parallel(ctx, m.opts.CopyDataJobs, todo, m.copyRange)
+}
+
+// batchTx runs one copy batch in its own short transaction: with the
+// slot's exported snapshot under logical capture (so copy and stream are
+// exactly consistent), with work_mem when set.
+func (m *migration) batchTx(ctx context.Context, fn func(pgx.Tx) error) error {
+	txo := pgx.TxOptions{}
+	if m.snapshot != "" {
+		txo.IsoLevel = pgx.RepeatableRead
+	}
+	return pgx.BeginTxFunc(ctx, m.pool, txo, func(tx pgx.Tx) error {
+		if m.snapshot != "" {
+			if _, err := tx.Exec(ctx, "SET TRANSACTION SNAPSHOT "+quoteLiteral(m.snapshot)); err != nil {
+				return err
+			}
+		}
+		if m.opts.WorkMem != "" {
+			if _, err := tx.Exec(ctx, "SELECT set_config('work_mem', $1, true)", m.opts.WorkMem); err != nil {
+				return err
+			}
+		}
+		return fn(tx)
+	})
+}
+
+// copyIntRange copies a range of a single integer key in arithmetic steps:
+// a plain INSERT ... SELECT ... WHERE k > lo AND k <= lo + step per batch,
+// with step sized from the key density so that a batch holds about
+// batch_size rows. No sort, no materialisation: the cost is the copy itself.
+// The last range ends with an unbounded batch (k > its end), so rows
+// inserted beyond the key range seen at planning are copied too.
+func (m *migration) copyIntRange(ctx context.Context, r copyRange, kmin, kmax int64, step float64) error {
+	p := m.plan
+	key := "t." + qi(p.Key[0])
+	// One CTE, referenced once: PostgreSQL inlines it, so this is a plain
+	// INSERT ... SELECT (written as a CTE so every copy batch reads alike
+	// in --show-queries).
+	ins := fmt.Sprintf("WITH src AS (SELECT %s FROM %s t WHERE %s > $1::bigint",
+		strings.Join(p.SelectExprs, ", "), m.t.ident(), key)
+	tail := fmt.Sprintf(") INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT * FROM src",
+		m.shadowIdent(), strings.Join(p.InsertCols, ", "))
+	cur := kmin - 1
+	if r.lo != nil {
+		v, err := strconv.ParseInt(r.lo[0], 10, 64)
+		if err != nil {
+			return fmt.Errorf("range %d: bad bound %q: %w", r.id, r.lo[0], err)
+		}
+		cur = v
+	}
+	end, open := kmax, r.hi == nil
+	if !open {
+		v, err := strconv.ParseInt(r.hi[0], 10, 64)
+		if err != nil {
+			return fmt.Errorf("range %d: bad bound %q: %w", r.id, r.hi[0], err)
+		}
+		end = v
+	}
+	// The width of a batch in key space starts from the average density and
+	// adapts to what the batches find (gaps, sparse or skewed keys), so a
+	// batch stays near batch_size rows.
+	width := max(int64(step), 1)
+	for batch := 1; ; batch++ {
+		if err := m.hold(ctx); err != nil {
+			return err
+		}
+		sql, args, last := ins+" AND "+key+" <= $2::bigint"+m.filterAnd()+tail, []any{cur, int64(0)}, false
+		if end-cur <= width {
+			if open {
+				sql, args = ins+m.filterAnd()+tail, []any{cur}
+			} else {
+				args[1] = end
+			}
+			last = true
+		} else {
+			args[1] = cur + width
+		}
+		if m.opts.ShowQueries != nil {
+			m.opts.ShowQueries(sql)
+		}
+		var count int64
+		err := m.batchTx(ctx, func(tx pgx.Tx) error {
+			tag, err := tx.Exec(ctx, sql, args...)
+			if err != nil {
+				return err
+			}
+			count = tag.RowsAffected()
+			upto := end
+			if !last {
+				upto = args[1].(int64)
+			}
+			_, err = tx.Exec(ctx, "UPDATE "+m.stateIdent()+" SET last = $2, rows = rows + $3, done = $4 WHERE range_id = $1",
+				r.id, []string{strconv.FormatInt(upto, 10)}, count, last)
+			return err
+		})
+		if err != nil {
+			return fmt.Errorf("copy batch %d of range %d of %s: %w", batch, r.id, m.tableRef(), err)
+		}
+		m.rowsCopied.Add(count)
+		if last {
+			return nil
+		}
+		cur = args[1].(int64)
+		width = nextWidth(width, count, int64(m.batchSize()))
+	}
 }
 
 // copyRange copies one range batch by batch, in key order.
@@ -140,23 +270,7 @@ SELECT count(*) OVER (), ARRAY[%s] FROM src ORDER BY %s LIMIT 1`,
 		}
 		var count int64
 		var last []string
-		txo := pgx.TxOptions{}
-		if m.snapshot != "" {
-			txo.IsoLevel = pgx.RepeatableRead
-		}
-		err := pgx.BeginTxFunc(ctx, m.pool, txo, func(tx pgx.Tx) error {
-			if m.snapshot != "" {
-				// Logical capture: every batch reads the slot's exported
-				// snapshot, so copy + stream are exactly consistent.
-				if _, err := tx.Exec(ctx, "SET TRANSACTION SNAPSHOT "+quoteLiteral(m.snapshot)); err != nil {
-					return err
-				}
-			}
-			if m.opts.WorkMem != "" {
-				if _, err := tx.Exec(ctx, "SELECT set_config('work_mem', $1, true)", m.opts.WorkMem); err != nil {
-					return err
-				}
-			}
+		err := m.batchTx(ctx, func(tx pgx.Tx) error {
 			err := tx.QueryRow(ctx, sql, args...).Scan(&count, &last)
 			if errors.Is(err, pgx.ErrNoRows) {
 				count = 0
@@ -205,4 +319,18 @@ func rangeCond(keys, types, lo, hi []string) (string, []any) {
 		return "", nil
 	}
 	return " WHERE " + strings.Join(where, " AND "), args
+}
+
+// nextWidth scales a batch's key width towards target rows: up to 4x wider
+// after a sparse (or empty) batch, down to 4x narrower after a dense one.
+func nextWidth(width, got, target int64) int64 {
+	f := 4.0
+	if got > 0 {
+		f = min(max(float64(target)/float64(got), 0.25), 4)
+	}
+	next := float64(width) * f
+	if next > float64(math.MaxInt64/4) {
+		return math.MaxInt64 / 4
+	}
+	return max(int64(next), 1)
 }
