@@ -298,6 +298,14 @@ func runRewrite(b *testing.B, r *result, ws *writerStats) {
 		case replicate.PhaseSwitch:
 			sizeErr = admin.QueryRow(ctx, q).Scan(&shadow, &delta)
 			r.ShadowPeak, r.DeltaPeak = shadow, delta
+			if r.Method == "logical" {
+				// The server's view of the stream's lag, to compare with
+				// the engine's Progress.LagBytes.
+				_ = admin.QueryRow(ctx, `select coalesce(max(pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)), 0)::bigint,
+					coalesce(max(pg_wal_lsn_diff(pg_current_wal_lsn(), r.sent_lsn)), 0)::bigint
+					from pg_replication_slots s left join pg_stat_replication r on r.pid = s.active_pid
+					where s.database = current_database()`).Scan(&r.SlotLagAtSwitch, &r.SentLagAtSwitch)
+			}
 		}
 	}
 	lsn0 := lsn(ctx, admin)

@@ -36,6 +36,10 @@ type result struct {
 	// logical capture: WAL not yet consumed by the stream (Progress.LagBytes)
 	MaxLagBytes    int64 `json:"max_lag_bytes,omitempty"`
 	SwitchLagBytes int64 `json:"lag_bytes_at_switch,omitempty"`
+	// the server's view when the switch phase began: pg_current_wal_lsn()
+	// minus the slot's confirmed_flush_lsn / the walsender's sent_lsn
+	SlotLagAtSwitch int64 `json:"slot_lag_bytes_at_switch,omitempty"`
+	SentLagAtSwitch int64 `json:"walsender_unsent_bytes_at_switch,omitempty"`
 
 	WALBytes       int64   `json:"wal_bytes"`
 	OrigBytes      int64   `json:"orig_total_bytes,omitempty"`

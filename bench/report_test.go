@@ -359,8 +359,8 @@ func writeReport() error {
 	// Lock window.
 	w("## Cut-over lock window: what runs under the lock\n\nFor each online run: the engine's lock window (its own \"table swapped; lock held\" event, measured from LOCK granted), the logical capture's wait for its cut-over marker, and the three statements that took longest between `LOCK TABLE` and the swap (time until the engine's next traced statement; catalog queries not traced fall into the preceding statement).\n\n")
 	w("*server ms* = sum of the server-side durations (server log, `log_min_duration_statement = 0` on the engine's sessions) of the cut-over transaction's statements after `LOCK TABLE`; the rest of the lock window is client round trips and waiting (the logical marker).\n\n")
-	w("*lag at switch* = WAL the logical stream had not consumed yet when the switch phase began (`Progress.LagBytes`): the marker wait under the lock has to decode it first.\n\n")
-	w("| scenario | lock window ms | server ms | logical sync ms | lag at switch MB | longest statements under the lock (server time) |\n|---|---|---|---|---|---|\n")
+	w("*lag at switch* (logical capture), when the switch phase began: engine = `Progress.LagBytes`; slot = `pg_current_wal_lsn() - confirmed_flush_lsn`; walsender = `pg_current_wal_lsn() - sent_lsn` (WAL not decoded yet). The marker wait under the lock has to decode that WAL first.\n\n")
+	w("| scenario | lock window ms | server ms | logical sync ms | lag at switch MB engine / slot / walsender | longest statements under the lock (server time) |\n|---|---|---|---|---|---|\n")
 	for _, r := range results {
 		if r.Status != "ok" || r.LockWindowMS == 0 {
 			continue
@@ -378,7 +378,7 @@ func writeReport() error {
 		}
 		lag := "–"
 		if r.Method == "logical" {
-			lag = fmt.Sprintf("%.1f", float64(r.SwitchLagBytes)/(1<<20))
+			lag = fmt.Sprintf("%.1f / %.1f / %.1f", float64(r.SwitchLagBytes)/(1<<20), float64(r.SlotLagAtSwitch)/(1<<20), float64(r.SentLagAtSwitch)/(1<<20))
 		}
 		w("| %s | %.1f | %s | %s | %s | %s |\n", r.Scenario, r.LockWindowMS, f1(r.ServerLockMS), f1(r.SyncMS), lag, strings.Join(parts, "; "))
 	}
