@@ -29,10 +29,6 @@ type capture interface {
 	stop(ctx context.Context) error
 	// lagBytes is how much WAL the capture has not consumed yet.
 	lagBytes() int64
-	// caughtUp reports whether every change committed so far has reached
-	// the delta (or is about to): the catch-up hands over to the switch
-	// only then, so the wait under the switch's lock is short.
-	caughtUp(ctx context.Context) (bool, error)
 }
 
 // newCapture picks the implementation for Options.Capture.

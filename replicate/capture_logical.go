@@ -879,13 +879,3 @@ func (c *logicalCapture) marker(ctx context.Context, db execer, wait time.Durati
 		}
 	}
 }
-
-// caughtUp is the catch-up's test before the switch: a marker written now
-// is decoded within a second. Unlike a byte count it holds on a server
-// whose other databases write WAL all the time.
-func (c *logicalCapture) caughtUp(ctx context.Context) (bool, error) {
-	if c.done == nil {
-		return true, nil
-	}
-	return c.marker(ctx, c.m.admin, time.Second)
-}

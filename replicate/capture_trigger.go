@@ -33,11 +33,10 @@ type triggerCapture struct{ m *migration }
 func (c triggerCapture) start(ctx context.Context) (string, error) {
 	return "", c.m.installTrigger(ctx)
 }
-func (c triggerCapture) copied(context.Context) error           { return nil }
-func (c triggerCapture) sync(context.Context, pgx.Tx) error     { return nil }
-func (c triggerCapture) stop(context.Context) error             { return nil } // the trigger goes with the table or cleanup
-func (c triggerCapture) lagBytes() int64                        { return 0 }
-func (c triggerCapture) caughtUp(context.Context) (bool, error) { return true, nil }
+func (c triggerCapture) copied(context.Context) error       { return nil }
+func (c triggerCapture) sync(context.Context, pgx.Tx) error { return nil }
+func (c triggerCapture) stop(context.Context) error         { return nil } // the trigger goes with the table or cleanup
+func (c triggerCapture) lagBytes() int64                    { return 0 }
 
 // createDelta creates T__tat_delta: (seq, op, k1..kn). Both capture methods
 // feed it; the applier reads it.

@@ -2,12 +2,15 @@ package replicate
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strconv"
 	"strings"
 	"time"
 
+	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // Delta apply is set-based: one transaction takes a bounded slice of the
@@ -17,19 +20,45 @@ import (
 // same snapshot: a delta row committed in between is neither half-applied
 // nor deleted unapplied; the next round takes it.
 
-// maxSwitchLag is how much WAL logical capture may still have to read when
-// the catch-up hands over to the switch.
-const maxSwitchLag = 8 << 20
+// ErrCatchupTimeout: the delta backlog never dropped below min_delta_rows
+// within Options.CatchupTimeout; the writes outpace the catch-up.
+var ErrCatchupTimeout = errors.New("writes outpace the catch-up")
 
-// catchup applies the delta until the backlog is below min_delta_rows,
-// giving up after CatchupTimeout when writers outpace it.
+// catchupMaxGrowth bounds how far the apply slice grows (as a multiple of
+// its start, batch_size*10), and catchupMaxSlice in rows: one round is one
+// transaction holding one snapshot, which must stay short.
+const (
+	catchupMaxGrowth = 16
+	catchupMaxSlice  = 1 << 20
+)
+
+// catchup applies the delta until the backlog is below min_delta_rows. When
+// the backlog grows although every round applied a full slice, the slice
+// doubles (up to catchupMaxGrowth times its start); when the backlog still
+// stays above min_delta_rows for CatchupTimeout (time held by a pause or a
+// throttle not counted), the job gives up with ErrCatchupTimeout and the
+// runner drops the shadow: the original is untouched.
 func (m *migration) catchup(ctx context.Context) error {
 	start := time.Now()
+	var held time.Duration
+	growth := int64(1)
+	prevBacklog := int64(-1)
+	// Logical capture: a WAL position the stream must reach before the
+	// delta counts as complete; re-taken each time it is reached, so the
+	// stream is never more behind than the time between two marks.
+	mark, err := m.streamMark(ctx)
+	if err != nil {
+		return err
+	}
 	for {
+		h := time.Now()
 		if err := m.hold(ctx); err != nil {
 			return err
 		}
-		n, err := m.applyDelta(ctx, m.pool, int64(m.batchSize())*10)
+		held += time.Since(h)
+		base := int64(m.batchSize()) * 10
+		limit := sliceLimit(base, growth)
+		n, err := m.applyDelta(ctx, m.pool, limit)
 		if err != nil {
 			return err
 		}
@@ -37,12 +66,28 @@ func (m *migration) catchup(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		// Logical capture: the delta is only complete once the stream is
-		// close to the WAL's end, else the switch would wait for it under lock.
-		streamBehind := m.capture != nil && m.capture.lagBytes() > maxSwitchLag
+		// Logical capture: the delta is only complete once the stream has
+		// consumed the WAL written before the mark was taken, else an empty
+		// delta means only that the stream lags, and the switch would wait
+		// for it (and apply what it brings) under its lock.
+		reached := m.streamReached(mark)
+		if reached {
+			if mark, err = m.streamMark(ctx); err != nil {
+				return err
+			}
+		}
+		streamBehind := m.capture != nil && !reached
 		if !streamBehind && (backlog < m.opts.MinDeltaRows || (n == 0 && backlog == 0)) {
 			return nil
 		}
+		// A full slice applied and still more behind than before: the
+		// writers are faster than the rounds. Take bigger slices.
+		if n >= limit && prevBacklog >= 0 && backlog >= prevBacklog && growth < catchupMaxGrowth && limit < catchupMaxSlice {
+			growth *= 2
+			m.event(ctx, PhaseCatchup, fmt.Sprintf("the delta backlog grows (%d rows, %d a round ago): applying up to %d changes per round",
+				backlog, prevBacklog, sliceLimit(base, growth)))
+		}
+		prevBacklog = backlog
 		if n == 0 {
 			select { // nothing to apply yet: let the stream catch up
 			case <-ctx.Done():
@@ -50,10 +95,56 @@ func (m *migration) catchup(ctx context.Context) error {
 			case <-time.After(50 * time.Millisecond):
 			}
 		}
-		if m.opts.CatchupTimeout > 0 && time.Since(start) > m.opts.CatchupTimeout {
-			return fmt.Errorf("delta backlog still %d rows after %s: writes outpace the catch-up", backlog, m.opts.CatchupTimeout)
+		if m.opts.CatchupTimeout > 0 && time.Since(start)-held > m.opts.CatchupTimeout {
+			return fmt.Errorf("%w: the delta backlog is still %d rows (min_delta_rows %d) after %s of catch-up, applying up to %d changes per round; "+
+				"the original is unchanged: retry when the write load is lower, or raise min_delta_rows or the catch-up timeout",
+				ErrCatchupTimeout, backlog, m.opts.MinDeltaRows, m.opts.CatchupTimeout, sliceLimit(base, growth))
 		}
 	}
+}
+
+// streamMark is, under logical capture while streaming, the WAL insert
+// position now (every transaction committed so far ends before it); 0
+// otherwise.
+//
+// lagBytes alone cannot tell: the positions a logical walsender reports are
+// those of the records it has decoded, not the server's end of WAL, so a
+// stream far behind looks caught up.
+func (m *migration) streamMark(ctx context.Context) (pglogrepl.LSN, error) {
+	lc, ok := m.capture.(*logicalCapture)
+	if !ok || !lc.streaming.Load() {
+		return 0, nil
+	}
+	var lsn pglogrepl.LSN
+	var text string
+	if err := m.admin.QueryRow(ctx, "SELECT pg_current_wal_insert_lsn()::text").Scan(&text); err != nil {
+		return 0, fmt.Errorf("WAL position: %w", err)
+	}
+	lsn, err := pglogrepl.ParseLSN(text)
+	if err != nil {
+		return 0, fmt.Errorf("WAL position %q: %w", text, err)
+	}
+	return lsn, nil
+}
+
+// streamReached: the logical stream has put into the delta every change
+// committed before mark (the consumer confirms a position only once the
+// keys before it are committed in the delta).
+func (m *migration) streamReached(mark pglogrepl.LSN) bool {
+	lc, ok := m.capture.(*logicalCapture)
+	if !ok || mark == 0 {
+		return true
+	}
+	return pglogrepl.LSN(lc.acked.Load()) >= mark
+}
+
+// sliceLimit is the apply slice of a catch-up round: base times growth,
+// capped at catchupMaxSlice (but never below base).
+func sliceLimit(base, growth int64) int64 {
+	if l := base * growth; l <= catchupMaxSlice {
+		return l
+	}
+	return max(base, catchupMaxSlice)
 }
 
 func (m *migration) backlog(ctx context.Context, db execer) (int64, error) {
@@ -74,9 +165,85 @@ type txStarter interface {
 	BeginTx(ctx context.Context, opts pgx.TxOptions) (pgx.Tx, error)
 }
 
+// settleCopy applies the whole delta once, after the copy and before the
+// index builds. Trigger capture copies each batch under its own snapshot, so
+// a unique value that moved between rows during the copy (a swap, or a
+// value freed by one row and taken by another) can be in the shadow twice;
+// a UNIQUE or EXCLUDE index built on it would fail although the original
+// never held a duplicate. The delta and the original read under one
+// snapshot make the shadow an exact image of the original at that snapshot.
+// (Logical capture copies under the slot's snapshot: its copy is already
+// consistent and its delta still empty; this is then a no-op.)
+//
+// Without such an index it is skipped: the key itself cannot be duplicated
+// (each key value is copied by the one batch covering it), and the catch-up,
+// which runs after the index builds, applies the delta through them far
+// cheaper than this pass over an unindexed shadow.
+func (m *migration) settleCopy(ctx context.Context) error {
+	if !m.plan.hasUniqueBesidesKey() {
+		return nil
+	}
+	n, err := m.applyDelta(ctx, m.pool, 0)
+	if err != nil {
+		return err
+	}
+	if n > 0 {
+		m.event(ctx, m.currentPhase(), fmt.Sprintf("applied the %d changes made during the copy before building indexes", n))
+	}
+	return nil
+}
+
+// conflictRetries bounds how often a whole-delta apply that collides with a
+// unique or exclusion constraint is retried under logical capture, waiting
+// conflictWait each time for the stream to deliver the other side.
+const (
+	conflictRetries = 20
+	conflictWait    = 100 * time.Millisecond
+)
+
+// isConstraintConflict: unique_violation or exclusion_violation.
+func isConstraintConflict(err error) bool {
+	var pe *pgconn.PgError
+	return errors.As(err, &pe) && (pe.Code == "23505" || pe.Code == "23P01")
+}
+
 // applyDelta applies up to limit delta rows (all of them when limit <= 0,
 // which the switch uses under its lock) and returns how many it applied.
+//
+// A slice of the delta is not a consistent cut: it re-reads the current rows
+// of its keys while the shadow rows of keys further on in the delta are
+// still stale. When a unique value moved between rows (a swap under a
+// deferred constraint, or a value freed by one row and taken by another),
+// the slice's re-read rows collide with such a stale row. The whole delta
+// then is applied at once: with trigger capture the delta and the original
+// are read under one snapshot, so the result is an exact image of the
+// original and cannot collide (a collision then is real, e.g. a constraint
+// the ALTER adds that new rows violate, and fails the job). With logical
+// capture the stream may not have delivered the other side of the move yet:
+// the whole-delta apply is retried a few times while it catches up.
 func (m *migration) applyDelta(ctx context.Context, db txStarter, limit int64) (int64, error) {
+	n, err := m.applyDeltaOnce(ctx, db, limit)
+	if err == nil || !isConstraintConflict(err) {
+		return n, err
+	}
+	if limit > 0 {
+		m.event(ctx, m.currentPhase(), "a slice of the delta collided with a unique or exclusion constraint of the shadow "+
+			"(a value moved between rows): applying the whole delta at once")
+	}
+	for i := 0; ; i++ {
+		n, err = m.applyDeltaOnce(ctx, db, 0)
+		if err == nil || !isConstraintConflict(err) || m.opts.Capture != CaptureLogical || i >= conflictRetries {
+			return n, err
+		}
+		select {
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		case <-time.After(conflictWait):
+		}
+	}
+}
+
+func (m *migration) applyDeltaOnce(ctx context.Context, db txStarter, limit int64) (int64, error) {
 	tx, err := db.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead})
 	if err != nil {
 		return 0, err

@@ -127,7 +127,8 @@ func (m *migration) readDependents(ctx context.Context, tx pgx.Tx) (*dependents,
 	}
 	for _, f := range p.FKs {
 		def := f.Def
-		if !strings.HasSuffix(def, " NOT VALID") {
+		// A NOT ENFORCED foreign key (PostgreSQL 18+) is never validated.
+		if !strings.HasSuffix(def, " NOT VALID") && !strings.HasSuffix(def, " NOT ENFORCED") {
 			def += " NOT VALID"
 			if !m.opts.SkipFKValidation {
 				d.validate = append(d.validate, "ALTER TABLE "+tbl+" VALIDATE CONSTRAINT "+qi(f.Name))
@@ -210,8 +211,9 @@ func (m *migration) readDependents(ctx context.Context, tx pgx.Tx) (*dependents,
 		}
 		d.after = append(d.after, s)
 	}
-	// Extended statistics go with the table; re-create them.
-	if ver >= 140000 {
+	// Extended statistics go with the table; re-create them
+	// (pg_get_statisticsobjdef is 10+, stxstattarget 13+).
+	if ver >= 130000 {
 		st, err := m.q(ctx, tx, `select pg_get_statisticsobjdef(oid), quote_ident(stxnamespace::regnamespace::text) || '.' || quote_ident(stxname),
 			coalesce(stxstattarget, -1)::text from pg_statistic_ext where stxrelid = $1`, oid)
 		if err != nil {
@@ -241,10 +243,10 @@ func (m *migration) depViewsAndFunctions(ctx context.Context, tx pgx.Tx, d *depe
 		  join pg_rewrite r on r.oid = d.objid where r.ev_class <> deps.oid)
 		select c.oid::text, quote_ident(n.nspname) || '.' || quote_ident(c.relname), pg_get_viewdef(c.oid),
 		       coalesce(array_to_string(c.reloptions, ', '), ''), pg_get_userbyid(c.relowner), coalesce(c.relacl::text, ''),
-		       max(deps.depth)::text
-		from deps join pg_class c on c.oid = deps.oid join pg_namespace n on n.oid = c.relnamespace
-		group by c.oid, n.nspname, c.relname
-		order by max(deps.depth), c.oid`, oid)
+		       deps.depth::text
+		from (select oid, max(depth) as depth from deps group by oid) deps
+		join pg_class c on c.oid = deps.oid join pg_namespace n on n.oid = c.relnamespace
+		order by deps.depth, c.oid`, oid)
 	if err != nil {
 		return err
 	}

@@ -24,6 +24,32 @@ func logicalOpts(cmd string) replicate.Options {
 	return o
 }
 
+// needsLogical skips a logical-capture test before PostgreSQL 14, where
+// logical capture is refused by design (TestLogicalRefusedBefore14).
+func needsLogical(t *testing.T) {
+	t.Helper()
+	if v := testpg.Version(t); v < 140000 {
+		t.Skipf("logical capture needs PostgreSQL 14+ (server is %d); its refusal is TestLogicalRefusedBefore14", v)
+	}
+}
+
+// Before PostgreSQL 14 (pgoutput sends no logical messages, the cut-over
+// marker) logical capture is refused up front, leaving no slot or publication.
+func TestLogicalRefusedBefore14(t *testing.T) {
+	t.Parallel()
+	if v := testpg.Version(t); v >= 140000 {
+		t.Skipf("server is %d: logical capture is available", v)
+	}
+	e := newEnv(t)
+	e.seed("orders", "control", 100)
+	err := e.run(logicalOpts("alter table orders alter column id type bigint"))
+	if err == nil || !errors.Is(err, replicate.ErrBadCommand) || !strings.Contains(err.Error(), "needs PostgreSQL 14 or later") {
+		t.Fatalf("want refusal before 14, got %v", err)
+	}
+	e.assertNoCapture()
+	e.assertNoLeftovers("orders")
+}
+
 // events collects a run's events for assertions.
 type events struct {
 	mu   sync.Mutex
@@ -84,6 +110,9 @@ func TestCaptureMethodsUnderWriters(t *testing.T) {
 	for _, capture := range []string{replicate.CaptureTrigger, replicate.CaptureLogical} {
 		for _, tc := range cmds {
 			t.Run(capture+"/"+tc.name, func(t *testing.T) {
+				if capture == replicate.CaptureLogical {
+					needsLogical(t)
+				}
 				e := newEnv(t)
 				e.seed("orders", "control", 10000)
 				w := e.startWriter(3, "orders", "control", 12000)
@@ -116,6 +145,7 @@ func TestCaptureMethodsUnderWriters(t *testing.T) {
 // a generated column and a truncate, during the copy and during the stream.
 func TestLogicalChangeKinds(t *testing.T) {
 	t.Parallel()
+	needsLogical(t)
 	e := newEnv(t)
 	for _, tb := range []string{"t", "control"} {
 		e.exec(fmt.Sprintf(`create table %s (id int primary key, v text, n int, big text,
@@ -249,6 +279,7 @@ func TestLogicalChangeKinds(t *testing.T) {
 // the copy is in the stream. Neither is missed.
 func TestLogicalTransactionsAroundTheSlot(t *testing.T) {
 	t.Parallel()
+	needsLogical(t)
 	e := newEnv(t)
 	e.seed("orders", "control", 10000)
 	ctx := context.Background()
@@ -332,6 +363,7 @@ func TestLogicalTransactionsAroundTheSlot(t *testing.T) {
 // the engine's role or the table cannot support it.
 func TestLogicalRefusals(t *testing.T) {
 	t.Parallel()
+	needsLogical(t)
 	check := func(t *testing.T, e *env, table string, o replicate.Options, want string) {
 		t.Helper()
 		err := e.run(o)
@@ -389,6 +421,7 @@ func TestLogicalRefusals(t *testing.T) {
 // publication; a continued run starts over and finishes.
 func TestLogicalInterruptedRun(t *testing.T) {
 	t.Parallel()
+	needsLogical(t)
 	cases := []struct {
 		name   string
 		prefix string
@@ -441,6 +474,7 @@ func TestLogicalInterruptedRun(t *testing.T) {
 // inactive slot), and a FOR ALL TABLES publication is warned about.
 func TestLogicalLeftoversAndAllTables(t *testing.T) {
 	t.Parallel()
+	needsLogical(t)
 	e := newEnv(t)
 	e.seed("orders", "control", 2000)
 	slot := e.str(`select 'tat_' || d.oid || '_' || 'orders'::regclass::oid from pg_database d where datname = current_database()`)
@@ -483,6 +517,7 @@ func TestLogicalLeftoversAndAllTables(t *testing.T) {
 // ROLE pool), the publication and the slot belong to the engine's role.
 func TestLogicalTableOfAnotherOwner(t *testing.T) {
 	t.Parallel()
+	needsLogical(t)
 	e := newEnv(t)
 	role := fmt.Sprintf("tat_owner_%d", time.Now().UnixNano())
 	e.exec(fmt.Sprintf(`create role %s; grant create on schema public to %[1]s`, role))

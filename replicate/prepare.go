@@ -99,9 +99,10 @@ func (m *migration) prepare(ctx context.Context) error {
 		defs = append(defs, columnDDL(c))
 	}
 	// Valid CHECK constraints stay on the shadow during the load: the copy is
-	// checked as the in-place ALTER would check it.
+	// checked as the in-place ALTER would check it. NOT VALID NOT NULL
+	// constraints (PostgreSQL 18+, contype 'n') come back at the switch.
 	checks, err := m.q(ctx, tx, `select conname, pg_get_constraintdef(oid), convalidated from pg_constraint
-		where conrelid = $1 and contype = 'c' order by conname`, t.OID)
+		where conrelid = $1 and (contype = 'c' or contype = 'n' and not convalidated) order by conname`, t.OID)
 	if err != nil {
 		return err
 	}
@@ -288,6 +289,9 @@ func (m *migration) prepare(ctx context.Context) error {
 			return fmt.Errorf("%w: the command fails on a copy of %s: %v", ErrBadCommand, t.ident(), err)
 		}
 	}
+	if err := m.renameNotNulls(ctx, tx, p); err != nil {
+		return err
+	}
 
 	if err := m.capturePlan(ctx, tx, p, fks); err != nil {
 		return err
@@ -327,7 +331,10 @@ func (m *migration) capturePlan(ctx context.Context, tx pgx.Tx, p *plan, origFKs
 		coalesce(con.contype::text, ''), coalesce(con.conname, ''), coalesce(pg_get_constraintdef(con.oid), ''),
 		i.indisclustered::text, i.indisreplident::text,
 		coalesce(con.condeferrable, false)::text, coalesce(con.condeferred, false)::text,
-		n.nspname, t.relname, t.relkind::text
+		n.nspname, t.relname, t.relkind::text,
+		case when i.indisunique and i.indpred is null and i.indexprs is null then
+		  (select string_agg(a.attname, E'\x1f' order by k.ord) from unnest(i.indkey[0:i.indnkeyatts - 1]) with ordinality k(n, ord)
+		   join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.n) else '' end
 		from pg_index i join pg_class ic on ic.oid = i.indexrelid join pg_class t on t.oid = i.indrelid
 		join pg_namespace n on n.oid = t.relnamespace
 		left join pg_tablespace ts on ts.oid = ic.reltablespace
@@ -337,6 +344,10 @@ func (m *migration) capturePlan(ctx context.Context, tx pgx.Tx, p *plan, origFKs
 		order by ic.relname`, tables)
 	if err != nil {
 		return err
+	}
+	shadowKey := make([]string, len(p.Key))
+	for i, k := range p.Key {
+		shadowKey[i] = m.cmd.RenamedTo(k)
 	}
 	var replIdent string
 	if err := tx.QueryRow(ctx, `select relreplident::text from pg_class where oid = $1::regclass`, shadow).Scan(&replIdent); err != nil {
@@ -351,6 +362,7 @@ func (m *migration) capturePlan(ctx context.Context, tx pgx.Tx, p *plan, origFKs
 	for _, r := range rows {
 		name, def, ts, contype, conname, condef := r[0], r[1], r[2], r[3], r[4], r[5]
 		si := shadowIndex{Schema: r[10], Table: r[11], Name: name, Clustered: r[6] == "true", OrigName: orig[name]}
+		si.IsKeyIndex = r[13] != "" && r[13] == strings.Join(shadowKey, "\x1f")
 		on := ident(si.Schema, si.Table)
 		si.Final = si.OrigName
 		if si.Final == "" {
@@ -573,3 +585,65 @@ func loadPlan(ctx context.Context, q querier, schema, stateTable string) (*plan,
 }
 
 var errNoPlan = errors.New("no earlier run to continue")
+
+// renameNotNulls: since PostgreSQL 18 NOT NULL is a named constraint, and one
+// that the ALTER adds on the shadow (SET NOT NULL, ADD COLUMN ... NOT NULL) is
+// named after the shadow, "orders__tat_new_c_not_null". It gets the name the
+// in-place ALTER would give, "orders_c_not_null". Before 18 there are no
+// contype 'n' rows and nothing to do.
+func (m *migration) renameNotNulls(ctx context.Context, tx pgx.Tx, p *plan) error {
+	shadow := ident(p.Schema, p.Shadow)
+	rows, err := m.q(ctx, tx, `select c.conname, a.attname from pg_constraint c
+		join pg_attribute a on a.attrelid = c.conrelid and a.attnum = c.conkey[1]
+		where c.conrelid = $1::regclass and c.contype = 'n' order by c.conname`, shadow)
+	if err != nil {
+		return err
+	}
+	taken := map[string]bool{}
+	for _, r := range rows {
+		taken[r[0]] = true
+	}
+	for _, r := range rows {
+		if r[0] != objectName(p.Shadow, r[1], "not_null") {
+			continue
+		}
+		name := objectName(p.Table, r[1], "not_null")
+		if taken[name] {
+			continue
+		}
+		if _, err := m.exec(ctx, tx, "ALTER TABLE "+shadow+" RENAME CONSTRAINT "+qi(r[0])+" TO "+qi(name)); err != nil {
+			return fmt.Errorf("rename constraint %s on the shadow: %w", r[0], err)
+		}
+		taken[name] = true
+	}
+	return nil
+}
+
+// objectName is PostgreSQL's makeObjectName: name1_name2_label, the longer
+// of name1 and name2 shortened until it fits in 63 bytes.
+func objectName(name1, name2, label string) string {
+	avail := 63 - len(label) - 2
+	n1, n2 := len(name1), len(name2)
+	for n1+n2 > avail {
+		if n1 > n2 {
+			n1--
+		} else {
+			n2--
+		}
+	}
+	return truncName(name1, n1) + "_" + truncName(name2, n2) + "_" + label
+}
+
+// hasUniqueBesidesKey reports whether the shadow will have a UNIQUE or
+// EXCLUDE index other than the key's (see settleCopy).
+func (p *plan) hasUniqueBesidesKey() bool {
+	for _, si := range p.Indexes {
+		if si.IsKeyIndex {
+			continue
+		}
+		if si.Exclusion || strings.Contains(si.CreateSQL, "CREATE UNIQUE") {
+			return true
+		}
+	}
+	return false
+}

@@ -90,6 +90,9 @@ func (m *migration) run(ctx context.Context) error {
 	}
 	m.capture = m.newCapture()
 	err = m.phases(ctx, resumed)
+	if err != nil && ctx.Err() == nil && m.plan != nil && !m.swapped && !errors.Is(err, ErrConcurrentDDL) {
+		err = m.blameDDL(ctx, err)
+	}
 	if serr := m.capture.stop(context.WithoutCancel(ctx)); serr != nil && err == nil {
 		err = fmt.Errorf("stop capture: %w", serr)
 	}
@@ -133,6 +136,9 @@ func (m *migration) phases(ctx context.Context, resumed bool) error {
 	if err := m.capture.copied(ctx); err != nil {
 		return fmt.Errorf("capture: %w", err)
 	}
+	if err := m.settleCopy(ctx); err != nil {
+		return fmt.Errorf("copy: %w", err)
+	}
 	m.setPhase(ctx, PhaseIndex)
 	if err := m.buildIndexes(ctx); err != nil {
 		return fmt.Errorf("index: %w", err)
@@ -169,6 +175,25 @@ func (m *migration) phases(ctx context.Context, resumed bool) error {
 	}
 	m.report(ctx)
 	return nil
+}
+
+// blameDDL reports a failure as ErrConcurrentDDL when the original's shape
+// changed since prepare: a statement that failed because of concurrent DDL
+// (a renamed or dropped column the delta apply reads, ...) must fail the job
+// the same way the cut-over's fingerprint check does.
+func (m *migration) blameDDL(ctx context.Context, err error) error {
+	var fp string
+	qerr := pgx.BeginFunc(ctx, m.admin, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, catalogPath); err != nil {
+			return err
+		}
+		return tx.QueryRow(ctx, qFingerprint, m.plan.TableID).Scan(&fp)
+	})
+	if qerr != nil || fp == m.plan.Fingerprint {
+		return err
+	}
+	return fmt.Errorf("%w: the definition of %s changed during the migration (concurrent DDL); nothing was switched: %w",
+		ErrConcurrentDDL, m.tableRef(), err)
 }
 
 // check verifies, before anything is created, that the table exists, that

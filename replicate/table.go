@@ -71,19 +71,20 @@ left join pg_tablespace ts on ts.oid = c.reltablespace
 order by t.level, c.relname`
 
 type column struct {
-	Num       int
-	Name      string
-	Type      string // format_type, schema-qualified when needed
-	Collation string // qualified, empty when the type's default
-	NotNull   bool
-	Default   string
-	Generated string // stored generation expression
-	Identity  string // a (always), d (by default), empty
-	IdentOpts string
-	Storage   string // SET STORAGE value when not the type's default
-	Compress  string
-	StatTgt   int
-	Options   []string
+	Num         int
+	Name        string
+	Type        string // format_type, schema-qualified when needed
+	Collation   string // qualified, empty when the type's default
+	NotNull     bool
+	NotNullName string // name of its NOT NULL constraint (PostgreSQL 18+)
+	Default     string
+	Generated   string // stored generation expression
+	Identity    string // a (always), d (by default), empty
+	IdentOpts   string
+	Storage     string // SET STORAGE value when not the type's default
+	Compress    string
+	StatTgt     int
+	Options     []string
 }
 
 // ident quotes a schema-qualified name.
@@ -125,11 +126,24 @@ left join pg_am am on am.oid = c.relam
 left join pg_class tc on tc.oid = c.reltoastrelid
 where c.oid = $1`
 
+// qColCompression is the column's compression method; pg_attribute has
+// attcompression since PostgreSQL 14 (on 13 the empty string stands in).
+const qColCompression = `case a.attcompression when 'p' then 'pglz' when 'l' then 'lz4' else '' end`
+
+// qNotNullInvalid is true when the column's NOT NULL is a NOT VALID
+// constraint: since PostgreSQL 18 NOT NULL is a pg_constraint row (contype
+// 'n', named, possibly NOT VALID) and attnotnull is set even when it is not
+// valid. Before 18 there are no such rows.
+const qNotNullInvalid = `exists (select 1 from pg_constraint nn where nn.conrelid = a.attrelid and nn.contype = 'n'
+                    and nn.conkey[1] = a.attnum and not nn.convalidated)`
+
+// qColumns reads the columns. attstattarget is NULL for the default since
+// PostgreSQL 17 and -1 before.
 const qColumns = `
 select a.attnum, a.attname, format_type(a.atttypid, a.atttypmod),
        case when a.attcollation <> t.typcollation and a.attcollation <> 0
             then quote_ident(cn.nspname) || '.' || quote_ident(co.collname) else '' end,
-       a.attnotnull,
+       a.attnotnull and not ` + qNotNullInvalid + `,
        case when a.attgenerated = '' then coalesce(pg_get_expr(d.adbin, d.adrelid), '') else '' end,
        case when a.attgenerated <> '' then pg_get_expr(d.adbin, d.adrelid) else '' end,
        a.attidentity::text,
@@ -143,9 +157,11 @@ select a.attnum, a.attname, format_type(a.atttypid, a.atttypmod),
        case when a.attstorage <> t.typstorage then
             case a.attstorage when 'p' then 'PLAIN' when 'e' then 'EXTERNAL' when 'm' then 'MAIN' else 'EXTENDED' end
             else '' end,
-       case a.attcompression when 'p' then 'pglz' when 'l' then 'lz4' else '' end,
+       ` + qColCompression + `,
        coalesce(a.attstattarget, -1)::int,
-       coalesce(a.attoptions, '{}')
+       coalesce(a.attoptions, '{}'),
+       coalesce((select nn.conname from pg_constraint nn where nn.conrelid = a.attrelid and nn.contype = 'n'
+                   and nn.conkey[1] = a.attnum and nn.convalidated), '')
 from pg_attribute a
 join pg_type t on t.oid = a.atttypid
 left join pg_attrdef d on d.adrelid = a.attrelid and d.adnum = a.attnum
@@ -164,7 +180,7 @@ from (
   where i.indrelid = $1 and i.indisunique and i.indisvalid and i.indimmediate
     and i.indpred is null and i.indexprs is null
     and not exists (select 1 from unnest(i.indkey) k(n) join pg_attribute a
-                    on a.attrelid = i.indrelid and a.attnum = k.n where not a.attnotnull)
+                    on a.attrelid = i.indrelid and a.attnum = k.n where not a.attnotnull or ` + qNotNullInvalid + `)
   order by i.indisprimary desc, i.indnatts, i.indexrelid
   limit 1) i,
   unnest(i.indkey[0:(select indnkeyatts from pg_index where indexrelid = i.indexrelid) - 1]) with ordinality k(n, ord)
@@ -199,14 +215,22 @@ func loadTable(ctx context.Context, conn pgx.Tx, schema, name string) (*table, e
 	if err := loadPartitions(ctx, conn, t, rel); err != nil {
 		return nil, err
 	}
-	rows, err := conn.Query(ctx, qColumns, oid, t.Schema, t.Name)
+	var ver int
+	if err := conn.QueryRow(ctx, "select current_setting('server_version_num')::int").Scan(&ver); err != nil {
+		return nil, err
+	}
+	qCols := qColumns
+	if ver < 140000 {
+		qCols = strings.Replace(qCols, qColCompression, "''", 1)
+	}
+	rows, err := conn.Query(ctx, qCols, oid, t.Schema, t.Name)
 	if err != nil {
 		return nil, fmt.Errorf("read columns of %s: %w", rel, err)
 	}
 	for rows.Next() {
 		var c column
 		if err := rows.Scan(&c.Num, &c.Name, &c.Type, &c.Collation, &c.NotNull, &c.Default, &c.Generated,
-			&c.Identity, &c.IdentOpts, &c.Storage, &c.Compress, &c.StatTgt, &c.Options); err != nil {
+			&c.Identity, &c.IdentOpts, &c.Storage, &c.Compress, &c.StatTgt, &c.Options, &c.NotNullName); err != nil {
 			rows.Close()
 			return nil, fmt.Errorf("read columns of %s: %w", rel, err)
 		}
@@ -242,10 +266,10 @@ select md5(concat_ws('|',
                      coalesce(pg_get_expr(d.adbin, d.adrelid), ''), ',' order by a.attnum)
      from pg_attribute a left join pg_attrdef d on d.adrelid = a.attrelid and d.adnum = a.attnum
     where a.attrelid = $1 and a.attnum > 0),
-  (select string_agg(pg_get_indexdef(i.indexrelid), ',' order by 1)
-     from pg_index i where i.indrelid = $1),
-  (select string_agg(c.conname || ' ' || pg_get_constraintdef(c.oid), ',' order by 1)
-     from pg_constraint c where c.conrelid = $1),
+  (select string_agg(x, ',' order by x) from (select pg_get_indexdef(i.indexrelid)
+     from pg_index i where i.indrelid = $1) i(x)),
+  (select string_agg(x, ',' order by x) from (select c.conname || ' ' || pg_get_constraintdef(c.oid)
+     from pg_constraint c where c.conrelid = $1) c(x)),
   (select relpersistence::text || reltablespace::text || coalesce(reloptions::text, '') from pg_class where oid = $1)))`
 
 // columnDDL renders one column for CREATE TABLE.
@@ -268,6 +292,9 @@ func columnDDL(c column) string {
 		b.WriteString(" DEFAULT " + c.Default)
 	}
 	if c.NotNull {
+		if c.NotNullName != "" {
+			b.WriteString(" CONSTRAINT " + qi(c.NotNullName))
+		}
 		b.WriteString(" NOT NULL")
 	}
 	return b.String()
