@@ -23,6 +23,11 @@ import (
 // catches up, and tries again.
 func (m *migration) cutover(ctx context.Context) error {
 	var deps *dependents
+	// One more round right before the lock: what is applied under the lock
+	// is then only what arrives in these milliseconds.
+	if _, err := m.applyDelta(ctx, m.pool, int64(m.batchSize())*10); err != nil {
+		return err
+	}
 	err := m.withLockRetries(ctx, m.admin, func(ctx context.Context, tx pgx.Tx) error {
 		if err := m.waitForBlockers(ctx); err != nil {
 			return err

@@ -26,7 +26,7 @@ const usage = `usage: pg_tat [--help] [-c COMMAND] [-h HOST] [-d DBNAME] [-U USE
               [--no-switch-table] [--continue-switch-table] [--lock-timeout LOCK_TIMEOUT] [--time-between-locks TIME_BETWEEN_LOCKS] [--min-delta-rows MIN_DELTA_ROWS] [--skip-fk-validation]
               [--show-queries] [--batch-size BATCH_SIZE] [--capture {trigger,logical}] [--verify] [--install]
               [--dry-run] [--copy-data-filter SQL] [--command-before-switch SQL] [--command-after-switch SQL]
-              [--echo-queries] [--vacuum-freeze]
+              [--echo-queries] [--vacuum-freeze] [--catchup-timeout DURATION]
 
 PostgreSQL tool for alter table without locks.
 
@@ -69,6 +69,8 @@ options:
                        run inside the cut-over transaction, after the swap
  --echo-queries        same as --show-queries
  --vacuum-freeze       VACUUM (FREEZE, ANALYZE) the new table after the load
+ --catchup-timeout DURATION
+                       give up (original intact) when writes outpace the catch-up this long (default 1h)
 `
 
 func main() {
@@ -86,6 +88,7 @@ type cli struct {
 	capture                                     string
 	filter, before, after                       string
 	dryRun, echo, freeze                        bool
+	catchupTimeout                              string
 }
 
 func parse(args []string, stderr io.Writer) (*cli, error) {
@@ -128,6 +131,7 @@ func parse(args []string, stderr io.Writer) (*cli, error) {
 	fs.BoolVar(&c.dryRun, "dry-run", false, "")
 	fs.BoolVar(&c.echo, "echo-queries", false, "")
 	fs.BoolVar(&c.freeze, "vacuum-freeze", false, "")
+	str(&c.catchupTimeout, d.CatchupTimeout.String(), "catchup-timeout")
 	str(&c.capture, d.Capture, "capture")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
@@ -161,6 +165,9 @@ func (c *cli) options() (replicate.Options, error) {
 	}
 	if o.TimeBetweenLocks, err = parseDuration(c.betweenLocks); err != nil {
 		return o, fmt.Errorf("--time-between-locks: %w", err)
+	}
+	if o.CatchupTimeout, err = parseDuration(c.catchupTimeout); err != nil {
+		return o, fmt.Errorf("--catchup-timeout: %w", err)
 	}
 	return o, o.Validate()
 }
