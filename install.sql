@@ -114,6 +114,7 @@ alter table tat.migrations add column if not exists error_phase      text;
 -- live progress written by the runner (sqlapi.Reporter)
 alter table tat.migrations add column if not exists throttle_reason  text;
 alter table tat.migrations add column if not exists capture_lag_bytes bigint;
+alter table tat.migrations add column if not exists capture_lag      interval;  -- capture_lag_bytes as time (sqlapi lagTracker)
 alter table tat.migrations add column if not exists rows_per_second  numeric;
 alter table tat.migrations add column if not exists rate_rows        bigint;
 alter table tat.migrations add column if not exists rate_at          timestamptz;
@@ -232,8 +233,8 @@ as $$
     order by m.id limit 1
 $$;
 
--- Refuses logical capture (55000) when the server cannot give it: wal_level
--- is not logical, no replication slot is free, or the role that runs the
+-- Refuses logical capture (55000) when the server cannot give it: it is
+-- older than PostgreSQL 14, wal_level is not logical, no replication slot is free, or the role that runs the
 -- migrations (the owner of schema tat, i.e. tatd's role) may not replicate.
 -- Definer rights: callers need not read pg_replication_slots / pg_roles.
 create or replace function tat._check_logical_capture() returns void
@@ -244,6 +245,11 @@ declare
     slots int := current_setting('max_replication_slots')::int;
     owner record;
 begin
+    if current_setting('server_version_num')::int < 140000 then
+        raise exception using errcode = '55000',
+            message = format('capture => ''logical'' needs PostgreSQL 14 or later (server is %s)', current_setting('server_version')),
+            hint = 'Use capture => ''trigger''.';
+    end if;
     if current_setting('wal_level') <> 'logical' then
         raise exception using errcode = '55000',
             message = format('capture => ''logical'' needs wal_level = logical (it is %s)', current_setting('wal_level')),
@@ -629,6 +635,7 @@ begin
     new.error_phase := null;
     new.throttle_reason := null;
     new.capture_lag_bytes := null;
+    new.capture_lag := null;
     new.rows_per_second := null;
     new.rate_rows := null;
     new.rate_at := null;
@@ -655,12 +662,22 @@ begin
 end
 $$;
 
-create or replace trigger migrations_before_insert
-    before insert on tat.migrations
-    for each row execute function tat._migrations_before_insert();
-create or replace trigger migrations_after_insert
-    after insert on tat.migrations
-    for each row execute function tat._migrations_after_insert();
+-- CREATE OR REPLACE TRIGGER is PostgreSQL 14+: on 13, drop and create.
+do $$
+declare
+    v_create text := case when current_setting('server_version_num')::int >= 140000
+                          then 'create or replace trigger ' else 'create trigger ' end;
+begin
+    if current_setting('server_version_num')::int < 140000 then
+        drop trigger if exists migrations_before_insert on tat.migrations;
+        drop trigger if exists migrations_after_insert on tat.migrations;
+    end if;
+    execute v_create || 'migrations_before_insert before insert on tat.migrations
+        for each row execute function tat._migrations_before_insert()';
+    execute v_create || 'migrations_after_insert after insert on tat.migrations
+        for each row execute function tat._migrations_after_insert()';
+end
+$$;
 
 -- ---------------------------------------------------------------------------
 -- triggers on tat.requests
@@ -834,12 +851,22 @@ begin
 end
 $$;
 
-create or replace trigger requests_before_insert
-    before insert on tat.requests
-    for each row execute function tat._requests_before_insert();
-create or replace trigger requests_after_insert
-    after insert on tat.requests
-    for each row execute function tat._requests_after_insert();
+-- CREATE OR REPLACE TRIGGER is PostgreSQL 14+: on 13, drop and create.
+do $$
+declare
+    v_create text := case when current_setting('server_version_num')::int >= 140000
+                          then 'create or replace trigger ' else 'create trigger ' end;
+begin
+    if current_setting('server_version_num')::int < 140000 then
+        drop trigger if exists requests_before_insert on tat.requests;
+        drop trigger if exists requests_after_insert on tat.requests;
+    end if;
+    execute v_create || 'requests_before_insert before insert on tat.requests
+        for each row execute function tat._requests_before_insert()';
+    execute v_create || 'requests_after_insert after insert on tat.requests
+        for each row execute function tat._requests_after_insert()';
+end
+$$;
 
 -- ---------------------------------------------------------------------------
 -- row level security: a role sees its own jobs and jobs on tables it owns
@@ -1065,7 +1092,8 @@ select m.id,
        (case when m.state in ('running', 'paused', 'waiting_switch')
              then date_trunc('second', now() - m.phase_started_at) end) as phase_elapsed,
        m.pause_requested,
-       m.attempts
+       m.attempts,
+       (case when m.state in ('running', 'paused', 'waiting_switch') then date_trunc('milliseconds', m.capture_lag) end) as capture_lag
   from tat.migrations m
   cross join lateral (
       select case
@@ -1074,7 +1102,7 @@ select m.id,
              -- finished: the average over the run
              when m.started_at is not null and m.rows_copied > 0
                   and extract(epoch from coalesce(m.finished_at, m.updated_at, now()) - m.started_at) > 0
-             then round(m.rows_copied / extract(epoch from coalesce(m.finished_at, m.updated_at, now()) - m.started_at), 1)
+             then round(m.rows_copied / extract(epoch from coalesce(m.finished_at, m.updated_at, now()) - m.started_at)::numeric, 1)  -- extract() is double precision before 14
              end::numeric as rows_per_second
   ) r;
 comment on view tat.status is 'pg_tat: one row per migration with live progress';

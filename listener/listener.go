@@ -67,6 +67,8 @@ type Config struct {
 	// to reach a safe point (the engine holds) before it interrupts them;
 	// default 10s. Either way the jobs go back to queued (or paused).
 	ShutdownGrace time.Duration
+
+	finalTimeout time.Duration // bounds the writes that end a job; default finalTimeout (tests shorten it)
 }
 
 // Causes of a job's context cancellation.
@@ -137,6 +139,9 @@ func New(cfg Config) (*Listener, error) {
 	}
 	if cfg.ShutdownGrace <= 0 {
 		cfg.ShutdownGrace = 10 * time.Second
+	}
+	if cfg.finalTimeout <= 0 {
+		cfg.finalTimeout = finalTimeout
 	}
 	l := &Listener{
 		cfg:      cfg,

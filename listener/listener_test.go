@@ -14,6 +14,7 @@ import (
 
 	"github.com/pgtat/pg_tat/internal/testpg"
 	"github.com/pgtat/pg_tat/replicate"
+	"github.com/pgtat/pg_tat/sqlapi"
 )
 
 func TestMain(m *testing.M) { os.Exit(testpg.Main(m)) }
@@ -332,5 +333,113 @@ func TestCustomChannel(t *testing.T) {
 	id := queue(t, c, "alter table t add column x int")
 	if r := waitFor(t, c, id, 3*time.Second, "done", terminal); r.state != "done" {
 		t.Fatalf("row %+v", r)
+	}
+}
+
+// A cleanup request whose runner died (state running, nobody holds its
+// advisory lock) is taken over; one whose runner is alive (holds the lock)
+// is left alone until the lock goes.
+func TestCleanupRequestTakeOver(t *testing.T) {
+	t.Parallel()
+	url, c := setup(t)
+	exec(t, c, "create table dead (id int primary key); create table alive (id int primary key)")
+	var deadReq, aliveReq int64
+	if err := c.QueryRow(context.Background(), "select tat.cleanup('dead')").Scan(&deadReq); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.QueryRow(context.Background(), "select tat.cleanup('alive')").Scan(&aliveReq); err != nil {
+		t.Fatal(err)
+	}
+	exec(t, c, "update tat.requests set state = 'running', runner = 'gone:1' where id = any($1)", []int64{deadReq, aliveReq})
+	// the live runner of aliveReq: holds its lock on a connection of its own
+	holder, err := pgx.Connect(context.Background(), url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer holder.Close(context.Background())
+	var ok bool
+	if err := holder.QueryRow(context.Background(), "select pg_try_advisory_lock($1::int4, $2::int4)",
+		sqlapi.CleanupLockClass, sqlapi.LockKey(aliveReq)).Scan(&ok); err != nil || !ok {
+		t.Fatalf("lock: %v %v", ok, err)
+	}
+	var mu sync.Mutex
+	cleaned := map[string]int{}
+	start(t, Config{DatabaseURL: url, RunnerID: "alive:2", PollInterval: 100 * time.Millisecond,
+		Cleanup: func(_ context.Context, _ *pgxpool.Pool, table string) error {
+			mu.Lock()
+			cleaned[table]++
+			mu.Unlock()
+			return nil
+		}})
+	request := func(id int64) (state, runner string) {
+		t.Helper()
+		if err := c.QueryRow(context.Background(), "select state, coalesce(runner, '') from tat.requests where id = $1", id).Scan(&state, &runner); err != nil {
+			t.Fatal(err)
+		}
+		return state, runner
+	}
+	waitRequest := func(id int64, timeout time.Duration) {
+		t.Helper()
+		deadline := time.Now().Add(timeout)
+		for {
+			state, runner := request(id)
+			if state == "done" {
+				if runner != "alive:2" {
+					t.Fatalf("request %d done by %q", id, runner)
+				}
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("request %d still %s (runner %q)", id, state, runner)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	waitRequest(deadReq, 10*time.Second)
+	time.Sleep(500 * time.Millisecond) // several polls
+	if state, runner := request(aliveReq); state != "running" || runner != "gone:1" {
+		t.Fatalf("a request held by a live runner was taken: %s %s", state, runner)
+	}
+	// its runner dies
+	holder.Close(context.Background())
+	waitRequest(aliveReq, 10*time.Second)
+	mu.Lock()
+	defer mu.Unlock()
+	if cleaned["public.dead"] != 1 || cleaned["public.alive"] != 1 {
+		t.Fatalf("cleanups run: %v", cleaned)
+	}
+}
+
+// A run that lasts longer than the bound on the final writes still records
+// its end: the bound starts when the run ends. (It used to start with the
+// run: every job longer than 30s could not be marked done, kept state
+// running, lost its lock and was run a second time.)
+func TestLongRunRecordsItsEnd(t *testing.T) {
+	t.Parallel()
+	url, c := setup(t)
+	exec(t, c, "create table t (id int primary key)")
+	id := queue(t, c, "alter table t add column x int")
+	var runs sync.Map
+	start(t, Config{DatabaseURL: url, RunnerID: "slow", PollInterval: 100 * time.Millisecond, finalTimeout: 300 * time.Millisecond,
+		Run: func(ctx context.Context, _ *pgxpool.Pool, o replicate.Options, _ replicate.Reporter, _ replicate.Control) error {
+			n, _ := runs.LoadOrStore(o.Command, new(int))
+			*n.(*int)++
+			select {
+			case <-time.After(time.Second):
+				return nil
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}})
+	if r := waitFor(t, c, id, 10*time.Second, "done", terminal); r.state != "done" {
+		t.Fatalf("row %+v", r)
+	}
+	time.Sleep(500 * time.Millisecond) // several polls: nobody runs it again
+	var attempts int
+	if err := c.QueryRow(context.Background(), "select attempts from tat.migrations where id = $1", id).Scan(&attempts); err != nil || attempts != 1 {
+		t.Fatalf("attempts %d (%v)", attempts, err)
+	}
+	if n, _ := runs.Load("alter table t add column x int"); *n.(*int) != 1 {
+		t.Fatalf("run %d times", *n.(*int))
 	}
 }

@@ -271,3 +271,18 @@ func cleanup(ctx context.Context, pool *pgxpool.Pool, schema, name string, m *mi
 	}
 	return nil
 }
+
+// HasEarlierRun reports whether a run on table (a regclass text) left its
+// state behind, i.e. it had not switched. A driver whose earlier attempt
+// died in the switch phase uses it to tell a committed switch (nothing
+// left: the job is done) from one that rolled back (continue it).
+func HasEarlierRun(ctx context.Context, pool *pgxpool.Pool, tableName string) (bool, error) {
+	var left bool
+	err := pool.QueryRow(ctx, `select exists(select 1 from pg_class c join pg_namespace n on n.oid = c.relnamespace
+		join pg_class t on t.relnamespace = n.oid and t.oid = to_regclass($1)
+		where c.relname = left(t.relname, 63 - length('__tat_state')) || '__tat_state')`, tableName).Scan(&left)
+	if err != nil {
+		return false, fmt.Errorf("look for an earlier run on %s: %w", tableName, err)
+	}
+	return left, nil
+}

@@ -56,19 +56,23 @@ func (m *migration) planRanges(ctx context.Context) error {
 	if ranges == nil {
 		ranges = [][2]*string{{nil, nil}}
 	}
-	for i, r := range ranges {
-		var lo, hi []string
-		if r[0] != nil {
-			lo = []string{*r[0]}
+	// All ranges in one transaction: a continued run trusts that the state
+	// table lists the whole key space.
+	return pgx.BeginFunc(ctx, m.pool, func(tx pgx.Tx) error {
+		for i, r := range ranges {
+			var lo, hi []string
+			if r[0] != nil {
+				lo = []string{*r[0]}
+			}
+			if r[1] != nil {
+				hi = []string{*r[1]}
+			}
+			if _, err := m.exec(ctx, tx, "INSERT INTO "+m.stateIdent()+" (range_id, lo, hi) VALUES ($1, $2, $3)", i, lo, hi); err != nil {
+				return fmt.Errorf("store range %d: %w", i, err)
+			}
 		}
-		if r[1] != nil {
-			hi = []string{*r[1]}
-		}
-		if _, err := m.exec(ctx, m.pool, "INSERT INTO "+m.stateIdent()+" (range_id, lo, hi) VALUES ($1, $2, $3)", i, lo, hi); err != nil {
-			return fmt.Errorf("store range %d: %w", i, err)
-		}
-	}
-	return nil
+		return nil
+	})
 }
 
 func isIntType(t string) bool {

@@ -130,3 +130,34 @@ func TestIntegrityServerCrash(t *testing.T) {
 		})
 	}
 }
+
+// A run that died after prepare but before its capture and copy ranges were
+// set up must not be "continued" into an empty swap: it starts over.
+func TestResumeBeforeCaptureStartsOver(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.seed("orders", "control", 3000)
+	o := opts("alter table orders alter column id type bigint")
+	ctx, cancel := context.WithCancel(context.Background())
+	o.ShowQueries = func(sql string) {
+		if strings.HasPrefix(sql, "CREATE TABLE") && strings.Contains(sql, "__tat_delta") {
+			cancel() // dies right after prepare committed
+		}
+	}
+	_ = replicate.Run(ctx, e.pool, o, replicate.NopReporter{}, nil)
+	if e.str("select to_regclass('orders__tat_state') is not null") != "true" {
+		t.Fatal("the interrupted run left no plan: the test proves nothing")
+	}
+	if left, err := replicate.HasEarlierRun(context.Background(), e.pool, "orders"); err != nil || !left {
+		t.Fatalf("HasEarlierRun = %v, %v; want true", left, err)
+	}
+	o.ShowQueries, o.Continue = nil, true
+	if err := e.run(o); err != nil {
+		t.Fatal(err)
+	}
+	e.assertSame("orders", "control", "id::int, v, n")
+	e.assertNoLeftovers("orders")
+	if left, err := replicate.HasEarlierRun(context.Background(), e.pool, "orders"); err != nil || left {
+		t.Fatalf("HasEarlierRun after the switch = %v, %v; want false", left, err)
+	}
+}

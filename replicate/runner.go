@@ -293,6 +293,29 @@ func (m *migration) resume(ctx context.Context) (bool, error) {
 		}
 		return false, nil
 	}
+	// The plan is committed before the delta, the capture triggers and the
+	// copy ranges exist: an earlier run that died in between captured
+	// nothing and planned no copy. Continuing it would copy nothing and swap
+	// in an empty table; start over instead (nothing was copied yet).
+	var ranges int64
+	var hasDelta bool
+	var triggers int
+	err = m.pool.QueryRow(ctx, `select (select count(*) from pg_class where oid = to_regclass($1)) = 1,
+		(select count(*)::int from pg_trigger where tgrelid = $2 and tgname in ($3, $4))`,
+		ident(p.Schema, p.Delta), p.TableID, triggerName, truncTriggerName).Scan(&hasDelta, &triggers)
+	if err == nil && hasDelta {
+		err = m.pool.QueryRow(ctx, "select count(*) from "+ident(p.Schema, p.State)).Scan(&ranges)
+	}
+	if err != nil {
+		return false, fmt.Errorf("inspect the earlier run: %w", err)
+	}
+	if !hasDelta || triggers < 2 || ranges == 0 {
+		m.event(ctx, PhasePrepare, "the earlier run stopped before its capture and copy were set up: starting over")
+		if err := cleanup(ctx, m.admin, m.t.Schema, m.t.Name, m); err != nil {
+			return false, err
+		}
+		return false, nil
+	}
 	m.plan = p
 	var copied int64
 	_ = m.pool.QueryRow(ctx, "select coalesce(sum(rows), 0)::bigint from "+m.stateIdent()).Scan(&copied)

@@ -79,6 +79,7 @@ func TestStatusColumns(t *testing.T) {
 		"eta": "interval", "delta_backlog": "bigint", "capture": "text", "lock_attempts": "integer",
 		"started_at": "timestamp with time zone", "updated_at": "timestamp with time zone",
 		"finished_at": "timestamp with time zone", "error": "text",
+		"capture_lag_bytes": "bigint", "capture_lag": "interval",
 	}
 	rows, err := c.Query(context.Background(), `select attname::text, format_type(atttypid, atttypmod)
 		from pg_attribute where attrelid = 'tat.status'::regclass and attnum > 0`)

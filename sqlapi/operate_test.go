@@ -192,6 +192,16 @@ func TestLogicalCaptureRefusals(t *testing.T) {
 		t.Skip("starts two extra clusters")
 	}
 	ctx := context.Background()
+	if v := testpg.Version(t); v < 140000 {
+		url := testpg.NewDB(t)
+		testpg.Install(t, url)
+		c := connect(t, url)
+		mustExec(t, c, "create table a (id int primary key)")
+		_, err := c.Exec(ctx, "select tat.alter('alter table a add x int', capture => 'logical')")
+		wantPgError(t, err, "55000", "needs PostgreSQL 14 or later")
+		mustExec(t, c, "select tat.alter('alter table a add x int')") // trigger capture is fine
+		return
+	}
 	for _, tc := range []struct {
 		name     string
 		settings map[string]string

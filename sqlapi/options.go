@@ -27,11 +27,35 @@ type jobOptions struct {
 	CommandAfterSwitch            *string `json:"command_after_switch"`
 }
 
+// ContinuesEarlierRun reports whether a claimed job continues what an earlier
+// attempt built: only when that attempt got as far as the copy (the row's
+// phase, written at each phase change, is copy or later). An attempt that
+// died in prepare or capture may have left a saved plan without planned copy
+// ranges or without its capture trigger: continuing it would copy nothing
+// and swap in an empty table, so the runner drops those leftovers and starts
+// over instead (StartsOver).
+func ContinuesEarlierRun(j Job) bool {
+	if j.Attempts <= 1 {
+		return false
+	}
+	switch j.Phase {
+	case "", replicate.PhasePrepare, replicate.PhaseCapture:
+		return false
+	}
+	return true
+}
+
+// StartsOver reports whether a claimed job was attempted before but cannot
+// continue that attempt (see ContinuesEarlierRun): the runner drops the
+// earlier attempt's leftovers before it runs the job.
+func StartsOver(j Job) bool { return j.Attempts > 1 && !ContinuesEarlierRun(j) }
+
 // Options converts a job row into engine options: defaults of
 // replicate.DefaultOptions overridden by the row, RunAs = requested_by (the
 // engine re-checks that role may ALTER the table), ManualSwitch from
 // switch = 'manual', and Continue when an earlier attempt of the same job was
-// interrupted (attempts > 1), so the engine reuses what that attempt built.
+// interrupted after it started copying (ContinuesEarlierRun), so the engine
+// reuses what that attempt built.
 func Options(j Job) (replicate.Options, error) {
 	o := replicate.DefaultOptions()
 	o.Command = j.Command
@@ -87,7 +111,7 @@ func Options(j Job) (replicate.Options, error) {
 			*dst = *src
 		}
 	}
-	o.Continue = j.Attempts > 1
+	o.Continue = ContinuesEarlierRun(j)
 	if err := o.Validate(); err != nil {
 		return o, fmt.Errorf("options of migration %d: %w", j.ID, err)
 	}

@@ -28,6 +28,8 @@ type Reporter struct {
 	pending   *replicate.Progress
 	last      replicate.Progress
 	held      bool
+	lag       lagTracker
+	logical   bool // the engine reported WAL not yet consumed: logical capture
 }
 
 var _ replicate.Reporter = (*Reporter)(nil)
@@ -65,6 +67,7 @@ const sqlProgress = `update tat.migrations
                     when $7::boolean then 'waiting_switch' else 'running' end,
        throttle_reason = nullif($9::text, ''),
        capture_lag_bytes = $10,
+       capture_lag = $11::bigint * interval '1 microsecond',
        rows_per_second = case
            when rate_at is null or $3 < rate_rows then rows_per_second
            when clock_timestamp() - rate_at < interval '900 ms' then rows_per_second
@@ -126,9 +129,33 @@ func (r *Reporter) write(ctx context.Context, p replicate.Progress) {
 	r.last = p
 	r.lastWrite = time.Now()
 	if _, err := r.db.Exec(ctx, sqlProgress, r.id, p.Phase, p.RowsCopied, p.RowsTotal, p.DeltaBacklog, p.LockAttempts,
-		p.Waiting, p.Paused, p.Throttle, p.LagBytes); err != nil {
+		p.Waiting, p.Paused, p.Throttle, p.LagBytes, r.captureLag(ctx, p.LagBytes)); err != nil {
 		r.log.WithError(err).Warn("cannot record progress")
 	}
+}
+
+// captureLag is the capture lag as time (see lagTracker): nil until the
+// engine reports WAL not yet consumed (trigger capture never does), 0 when
+// it has consumed everything. It costs one query (the WAL end) per progress
+// write while logical capture is behind.
+// The result is in microseconds.
+func (r *Reporter) captureLag(ctx context.Context, behind int64) *int64 {
+	if behind <= 0 {
+		if !r.logical {
+			return nil
+		}
+		r.lag.samples = r.lag.samples[:0]
+		var zero int64
+		return &zero
+	}
+	r.logical = true
+	var end int64
+	if err := r.db.QueryRow(ctx, `select (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint`).Scan(&end); err != nil {
+		r.log.WithError(err).Debug("cannot read the WAL end for the capture lag")
+		return nil
+	}
+	us := r.lag.observe(time.Now(), uint64(end), behind).Microseconds()
+	return &us
 }
 
 // Flush writes a progress report held back by the throttle.
