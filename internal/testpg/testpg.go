@@ -17,6 +17,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -78,6 +79,100 @@ func BinDir() (string, error) {
 		}
 	}
 	return "", fmt.Errorf("no PostgreSQL server binaries found (install Debian's postgresql package or set PG_BIN)")
+}
+
+// ClientBinDir lists the directories searched for client programs (pg_dump,
+// psql), best first: $PG_CLIENT_BIN, the server's BinDir, then every Debian
+// install, newest first. The prebuilt server binaries that `make test-matrix`
+// uses ship no client programs.
+func ClientBinDir() []string {
+	var dirs []string
+	if d := os.Getenv("PG_CLIENT_BIN"); d != "" {
+		dirs = append(dirs, d)
+	}
+	if d, err := BinDir(); err == nil {
+		dirs = append(dirs, d)
+	}
+	deb, _ := filepath.Glob("/usr/lib/postgresql/*/bin")
+	sort.Slice(deb, func(i, j int) bool {
+		vi, _ := strconv.Atoi(filepath.Base(filepath.Dir(deb[i])))
+		vj, _ := strconv.Atoi(filepath.Base(filepath.Dir(deb[j])))
+		return vi > vj
+	})
+	return append(dirs, deb...)
+}
+
+// PgDump returns the path of a pg_dump able to dump the server at url (its
+// major version at least the server's; pg_dump refuses newer servers), or
+// skips the test when there is none.
+func PgDump(t testing.TB, url string) string {
+	t.Helper()
+	server := ServerVersionNum(t, url) / 10000
+	var seen []string
+	for _, d := range ClientBinDir() {
+		p := filepath.Join(d, "pg_dump")
+		out, err := exec.Command(p, "--version").Output()
+		if err != nil {
+			continue
+		}
+		// "pg_dump (PostgreSQL) 15.13 (Debian 15.13-0+deb12u1)"
+		f := strings.Fields(string(out))
+		if len(f) < 3 {
+			continue
+		}
+		major, _ := strconv.Atoi(strings.SplitN(f[2], ".", 2)[0])
+		if major >= server {
+			return p
+		}
+		seen = append(seen, fmt.Sprintf("%s (%d)", p, major))
+	}
+	t.Skipf("testpg: no pg_dump of major >= %d to dump this server (found %v); set PG_CLIENT_BIN to its bin directory", server, seen)
+	return ""
+}
+
+var (
+	versionOnce sync.Once
+	versionNum  int
+	versionErr  error
+)
+
+// Version returns server_version_num of the shared server (the cluster
+// started by Main, or TAT_TEST_DATABASE_URL), e.g. 170010.
+func Version(t testing.TB) int {
+	t.Helper()
+	versionOnce.Do(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		c, err := pgx.Connect(ctx, baseURL)
+		if err != nil {
+			versionErr = err
+			return
+		}
+		defer c.Close(ctx)
+		versionErr = c.QueryRow(ctx, "select current_setting('server_version_num')::int").Scan(&versionNum)
+	})
+	if versionErr != nil {
+		t.Fatalf("testpg: server_version_num: %v", versionErr)
+	}
+	return versionNum
+}
+
+// ServerVersionNum returns current_setting('server_version_num') of the
+// server at url, e.g. 170010.
+func ServerVersionNum(t testing.TB, url string) int {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, err := pgx.Connect(ctx, url)
+	if err != nil {
+		t.Fatalf("testpg: connect: %v", err)
+	}
+	defer c.Close(ctx)
+	var num int
+	if err := c.QueryRow(ctx, "select current_setting('server_version_num')::int").Scan(&num); err != nil {
+		t.Fatalf("testpg: server_version_num: %v", err)
+	}
+	return num
 }
 
 // Start initialises and starts a new cluster. settings override the defaults
