@@ -118,3 +118,18 @@ func TestVacuumFreeze(t *testing.T) {
 		t.Fatal("pages frozen without VacuumFreeze: the check proves nothing")
 	}
 }
+
+// Constraints the ALTER adds without a name get the names the in-place
+// ALTER would give them.
+func TestAddedConstraintNames(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.seed("orders", "control", 500)
+	e.exec("create table ref (n int primary key); insert into ref select generate_series(1, 100000)")
+	if err := e.run(opts("alter table orders alter column id type bigint, add column x int check (x > 0), add foreign key (n) references ref")); err != nil {
+		t.Fatal(err)
+	}
+	if got := e.str("select string_agg(conname, ',' order by conname) from pg_constraint where conrelid = 'orders'::regclass and contype in ('c', 'f')"); got != "orders_n_fkey,orders_x_check" {
+		t.Fatalf("constraint names %s", got)
+	}
+}

@@ -292,6 +292,9 @@ func (m *migration) prepare(ctx context.Context) error {
 	if err := m.renameNotNulls(ctx, tx, p); err != nil {
 		return err
 	}
+	if err := m.renameShadowNamed(ctx, tx, p); err != nil {
+		return err
+	}
 
 	if err := m.capturePlan(ctx, tx, p, fks); err != nil {
 		return err
@@ -646,4 +649,33 @@ func (p *plan) hasUniqueBesidesKey() bool {
 		}
 	}
 	return false
+}
+
+// renameShadowNamed gives CHECK and FOREIGN KEY constraints that the ALTER
+// added without a name ("orders__tat_new_x_check") the name the in-place
+// ALTER would have given them ("orders_x_check").
+func (m *migration) renameShadowNamed(ctx context.Context, tx pgx.Tx, p *plan) error {
+	shadow := ident(p.Schema, p.Shadow)
+	rows, err := m.q(ctx, tx, `select conname from pg_constraint where conrelid = $1::regclass and contype in ('c', 'f')`, shadow)
+	if err != nil {
+		return err
+	}
+	taken := map[string]bool{}
+	for _, r := range rows {
+		taken[r[0]] = true
+	}
+	for _, r := range rows {
+		if !strings.HasPrefix(r[0], p.Shadow+"_") {
+			continue
+		}
+		name := truncName(p.Table+strings.TrimPrefix(r[0], p.Shadow), 63)
+		if taken[name] {
+			continue
+		}
+		if _, err := m.exec(ctx, tx, "ALTER TABLE "+shadow+" RENAME CONSTRAINT "+qi(r[0])+" TO "+qi(name)); err != nil {
+			return fmt.Errorf("rename constraint %s on the shadow: %w", r[0], err)
+		}
+		taken[name] = true
+	}
+	return nil
 }
