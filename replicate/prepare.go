@@ -240,6 +240,21 @@ func (m *migration) prepare(ctx context.Context) error {
 			}
 		}
 	}
+	// CHECK constraints of a partition's own (not inherited from its parent)
+	// are copied to that partition's shadow; the ALTER then sees them as it
+	// would in place.
+	for _, pt := range t.Partitions {
+		cks, err := m.q(ctx, tx, `select conname, pg_get_constraintdef(oid) from pg_constraint
+			where conrelid = $1 and contype = 'c' and conislocal and coninhcount = 0 order by conname`, pt.OID)
+		if err != nil {
+			return err
+		}
+		for _, c := range cks {
+			if _, err := m.exec(ctx, tx, "ALTER TABLE "+ident(pt.Schema, partShadow(pt))+" ADD CONSTRAINT "+qi(c[0])+" "+c[1]); err != nil {
+				return fmt.Errorf("copy check %s of partition %s: %w", c[0], pt.Name, err)
+			}
+		}
+	}
 	// Indexes that exist on one partition only (not attached to an index of
 	// the parent) are copied to that partition's shadow.
 	for _, pt := range t.Partitions {
