@@ -242,6 +242,12 @@ func (c *Command) ShadowSQL(schema, shadow string, idx map[string]string) (strin
 	if err != nil {
 		return "", fmt.Errorf("deparse command for shadow: %w", err)
 	}
+	// The deparser is not lossless for every exotic input: what runs must
+	// parse back to one ALTER TABLE of the shadow, or nothing runs at all.
+	back, err := ParseCommand(out)
+	if err != nil || back.Table != shadow || back.Schema != schema || back.Move != nil {
+		return "", fmt.Errorf("%w: the command cannot be rewritten faithfully for the shadow (%q)", ErrBadCommand, out)
+	}
 	return out, nil
 }
 

@@ -31,7 +31,7 @@ func FuzzParseCommand(f *testing.F) {
 		c.NeedsRewrite()
 		out, err := c.ShadowSQL("s", "t__tat_new", map[string]string{"t_pkey": "tmp"})
 		if err != nil || c.Move != nil {
-			return
+			return // refused: nothing runs
 		}
 		again, err := ParseCommand(out)
 		if err != nil {
