@@ -256,6 +256,12 @@ func TestKill9DuringCatchup(t *testing.T) {
 			_ = c.QueryRow(context.Background(), "select coalesce(throttle_reason, '') from tat.migrations where id = $1", id).Scan(&reason)
 			t.Logf("killed at %+v (throttle: %q)", j, reason)
 			if j = jobOf(t, c, id); j.phase != "catchup" || j.state != "running" {
+				if finished(j) && j.state == "done" {
+					// The catch-up was over before the kill landed (the
+					// throttle is polled through caches): the scenario was
+					// not reached, which proves nothing either way.
+					t.Skipf("the job finished before the kill reached its catch-up: %+v", j)
+				}
 				t.Fatalf("not killed in the catch-up: %+v", j)
 			}
 			startTatd(t, url)
