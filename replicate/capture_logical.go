@@ -672,7 +672,7 @@ func (c *logicalCapture) markerSeen(token string) {
 func (c *logicalCapture) sync(ctx context.Context, tx pgx.Tx) error {
 	m := c.m
 	started := time.Now()
-	if _, err := c.marker(ctx, tx, logicalSyncTimeout); err != nil {
+	if err := c.marker(ctx, tx); err != nil {
 		return err
 	}
 	m.event(ctx, PhaseSwitch, fmt.Sprintf("stream consumed up to the cut-over marker in %s", time.Since(started).Round(time.Millisecond)))
@@ -830,13 +830,13 @@ func cleanupLogical(ctx context.Context, m *migration, pool *pgxpool.Pool, schem
 	return nil
 }
 
-// marker writes a marker into WAL through db and waits (up to wait) until
-// the consumer has decoded it and committed every key before it. It reports
-// false when the wait ran out before an error.
-func (c *logicalCapture) marker(ctx context.Context, db execer, wait time.Duration) (bool, error) {
+// marker writes a marker into WAL through db (the cut-over transaction) and
+// waits, up to logicalSyncTimeout, until the consumer has decoded it and
+// committed every key before it.
+func (c *logicalCapture) marker(ctx context.Context, db execer) error {
 	m := c.m
 	if c.done == nil {
-		return false, errors.New("logical capture is not streaming")
+		return errors.New("logical capture is not streaming")
 	}
 	token := fmt.Sprintf("%s/%d/%d", c.slot, time.Now().UnixNano(), c.markerSeq.Add(1))
 	emit := "SELECT pg_logical_emit_message(false, $1, $2)"
@@ -844,7 +844,7 @@ func (c *logicalCapture) marker(ctx context.Context, db execer, wait time.Durati
 		emit = "SELECT pg_logical_emit_message(false, $1, $2, true)"
 	}
 	if _, err := m.exec(ctx, db, emit, logicalMsgPrefix, token); err != nil {
-		return false, fmt.Errorf("emit marker: %w", err)
+		return fmt.Errorf("emit cut-over marker: %w", err)
 	}
 	if c.version < 170000 {
 		c.pendingMarkers.Add(1)
@@ -852,7 +852,7 @@ func (c *logicalCapture) marker(ctx context.Context, db execer, wait time.Durati
 		// forces the WAL flush without waiting for its next wake-up.
 		_ = c.repl.Conn().SetReadDeadline(time.Now())
 	}
-	timer := time.NewTimer(wait)
+	timer := time.NewTimer(logicalSyncTimeout)
 	defer timer.Stop()
 	for {
 		c.mu.Lock()
@@ -862,20 +862,17 @@ func (c *logicalCapture) marker(ctx context.Context, db execer, wait time.Durati
 		}
 		c.mu.Unlock()
 		if seen {
-			return true, nil
+			return nil
 		}
 		if ended {
-			return false, fmt.Errorf("the replication stream has ended: %w", serr)
+			return fmt.Errorf("the replication stream has ended: %w", serr)
 		}
 		select {
 		case <-ch:
 		case <-ctx.Done():
-			return false, ctx.Err()
+			return ctx.Err()
 		case <-timer.C:
-			if wait == logicalSyncTimeout {
-				return false, fmt.Errorf("the replication stream did not reach the cut-over marker within %s (%d bytes behind)", wait, c.lagBytes())
-			}
-			return false, nil
+			return fmt.Errorf("the replication stream did not reach the cut-over marker within %s (%d bytes behind)", logicalSyncTimeout, c.lagBytes())
 		}
 	}
 }
