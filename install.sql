@@ -447,13 +447,13 @@ declare
         'switch', 'auto', 'skip_fk_validation', false,
         'max_replica_lag', null, 'max_active_sessions', null, 'throttle_query', null,
         'verify', false, 'vacuum_freeze', false, 'copy_data_filter', null,
-        'command_before_switch', null, 'command_after_switch', null);
+        'command_before_switch', null, 'command_after_switch', null, 'catchup_timeout', '01:00:00');
     o        jsonb;
     unknown  text;
     v_capture text; v_cdj int; v_cij int; v_batch int; v_lt interval; v_tbl interval;
     v_mdr bigint; v_wm text; v_mwm text; v_mpmw int; v_switch text; v_skip boolean;
     v_mrl interval; v_mas int; v_tq text;
-    v_verify boolean; v_freeze boolean; v_filter text; v_before text; v_after text;
+    v_verify boolean; v_freeze boolean; v_filter text; v_before text; v_after text; v_cto interval;
 begin
     if opts is null or jsonb_typeof(opts) <> 'object' then
         opts := '{}';
@@ -485,6 +485,7 @@ begin
         v_filter := nullif(btrim(o->>'copy_data_filter'), '');
         v_before := nullif(btrim(o->>'command_before_switch'), '');
         v_after := nullif(btrim(o->>'command_after_switch'), '');
+        v_cto := (o->>'catchup_timeout')::interval;
     exception when others then
         raise exception using errcode = '22023', message = format('invalid option value: %s', sqlerrm);
     end;
@@ -526,6 +527,9 @@ begin
     if v_skip is null then
         raise exception using errcode = '22023', message = 'skip_fk_validation must not be NULL';
     end if;
+    if v_cto is null or v_cto <= interval '0' then
+        raise exception using errcode = '22023', message = format('catchup_timeout must be positive, not %s', coalesce(v_cto::text, 'NULL'));
+    end if;
     if v_verify is null or v_freeze is null then
         raise exception using errcode = '22023', message = 'verify and vacuum_freeze must not be NULL';
     end if;
@@ -555,7 +559,7 @@ begin
         'switch', v_switch, 'skip_fk_validation', v_skip,
         'max_replica_lag', v_mrl::text, 'max_active_sessions', v_mas, 'throttle_query', v_tq,
         'verify', v_verify, 'vacuum_freeze', v_freeze, 'copy_data_filter', v_filter,
-        'command_before_switch', v_before, 'command_after_switch', v_after);
+        'command_before_switch', v_before, 'command_after_switch', v_after, 'catchup_timeout', v_cto::text);
 end
 $$;
 
@@ -896,6 +900,8 @@ $$;
 drop function if exists tat.alter(text, text, int, int, int, interval, interval, bigint, text, text, int, text, boolean);
 drop function if exists tat.alter(text, text, int, int, int, interval, interval, bigint, text, text, int, text, boolean,
                                   interval, int, text);
+drop function if exists tat.alter(text, text, int, int, int, interval, interval, bigint, text, text, int, text, boolean,
+                                  interval, int, text, boolean, text, text, text, boolean);
 create or replace function tat.alter(
     command text,
     capture text default 'trigger',
@@ -917,7 +923,8 @@ create or replace function tat.alter(
     copy_data_filter text default null,
     command_before_switch text default null,
     command_after_switch text default null,
-    vacuum_freeze boolean default false
+    vacuum_freeze boolean default false,
+    catchup_timeout interval default '1 hour'
 ) returns bigint
 language plpgsql volatile security invoker  -- caller's search_path resolves the table
 as $$
@@ -945,7 +952,8 @@ begin
         'copy_data_filter', alter.copy_data_filter,
         'command_before_switch', alter.command_before_switch,
         'command_after_switch', alter.command_after_switch,
-        'vacuum_freeze', alter.vacuum_freeze))
+        'vacuum_freeze', alter.vacuum_freeze,
+        'catchup_timeout', alter.catchup_timeout::text))
     returning id into v_id;
     return v_id;
 exception when unique_violation then
@@ -1153,7 +1161,7 @@ grant insert (action, job, table_oid) on tat.requests to public;
 grant select (id) on tat.requests to public;              -- for tat.cleanup's RETURNING id
 
 grant execute on function tat.alter(text, text, int, int, int, interval, interval, bigint, text, text, int, text, boolean,
-                                    interval, int, text, boolean, text, text, text, boolean) to public;
+                                    interval, int, text, boolean, text, text, text, boolean, interval) to public;
 grant insert (option, value) on tat.requests to public;
 grant execute on function tat.cancel(bigint), tat.pause(bigint), tat.resume(bigint), tat.switch(bigint),
                           tat.set(bigint, text, text),

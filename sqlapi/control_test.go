@@ -89,7 +89,7 @@ func TestClaimReportFinish(t *testing.T) {
 		copy_data_jobs => 3, batch_size => 500, lock_timeout => '1.5s', time_between_locks => '0', switch => 'manual',
 		work_mem => '64MB', max_parallel_maintenance_workers => 2, skip_fk_validation => true,
 		verify => true, copy_data_filter => 'id > 0', command_before_switch => 'select 1', command_after_switch => 'select 2',
-		vacuum_freeze => true)`).Scan(&id); err != nil {
+		vacuum_freeze => true, catchup_timeout => '90s')`).Scan(&id); err != nil {
 		t.Fatal(err)
 	}
 	ok, err := TryLock(ctx, c, id)
@@ -120,6 +120,9 @@ func TestClaimReportFinish(t *testing.T) {
 	want.MaxParallelMaintenanceWorkers = 2
 	want.SkipFKValidation = true
 	opts.ShowQueries, want.ShowQueries = nil, nil
+	if opts.CatchupTimeout != 90*time.Second {
+		t.Fatalf("catchup_timeout = %v", opts.CatchupTimeout)
+	}
 	if !opts.Verify || !opts.VacuumFreeze || opts.CopyDataFilter != "id > 0" || opts.CommandBeforeSwitch != "select 1" || opts.CommandAfterSwitch != "select 2" {
 		t.Fatalf("extra options not mapped: %+v", opts)
 	}

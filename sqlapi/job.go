@@ -56,19 +56,22 @@ type Job struct {
 	// Intervals of Options, converted by the server; negative when absent.
 	LockTimeout      time.Duration
 	TimeBetweenLocks time.Duration
+	CatchupTimeout   time.Duration
 }
 
 const jobColumns = `id, command, coalesce(table_name, ''), coalesce(table_oid, 0), options,
 	coalesce(requested_by, ''), state, coalesce(phase, ''), switch_requested, cancel_requested,
 	pause_requested, attempts, coalesce(runner, ''),
 	coalesce((extract(epoch from (options->>'lock_timeout')::interval) * 1000000)::bigint, -1),
-	coalesce((extract(epoch from (options->>'time_between_locks')::interval) * 1000000)::bigint, -1)`
+	coalesce((extract(epoch from (options->>'time_between_locks')::interval) * 1000000)::bigint, -1),
+	coalesce((extract(epoch from (options->>'catchup_timeout')::interval) * 1000000)::bigint, -1)`
 
 func scanJob(row pgx.Row) (Job, error) {
 	var j Job
-	var lt, tbl int64
+	var lt, tbl, cto int64
 	err := row.Scan(&j.ID, &j.Command, &j.TableName, &j.TableOID, &j.Options, &j.RequestedBy, &j.State,
-		&j.Phase, &j.SwitchRequested, &j.CancelRequested, &j.PauseRequested, &j.Attempts, &j.Runner, &lt, &tbl)
+		&j.Phase, &j.SwitchRequested, &j.CancelRequested, &j.PauseRequested, &j.Attempts, &j.Runner, &lt, &tbl, &cto)
+	j.CatchupTimeout = time.Duration(cto) * time.Microsecond
 	j.LockTimeout = time.Duration(lt) * time.Microsecond
 	j.TimeBetweenLocks = time.Duration(tbl) * time.Microsecond
 	return j, err

@@ -93,6 +93,9 @@ func Options(j Job) (replicate.Options, error) {
 	if j.LockTimeout > 0 {
 		o.LockTimeout = j.LockTimeout
 	}
+	if j.CatchupTimeout > 0 {
+		o.CatchupTimeout = j.CatchupTimeout
+	}
 	if j.TimeBetweenLocks >= 0 {
 		o.TimeBetweenLocks = j.TimeBetweenLocks
 	}
