@@ -199,6 +199,21 @@ comment on table tat.requests is 'pg_tat control requests (audit log); cleanup r
 -- ---------------------------------------------------------------------------
 
 -- The channel the triggers notify on.
+-- Creates (or replaces) a row trigger on INSERT. CREATE OR REPLACE TRIGGER is
+-- PostgreSQL 14+: on 13 the trigger is dropped and created.
+create or replace function tat._insert_trigger(tbl regclass, name text, timing text, fn regproc) returns void
+language plpgsql volatile set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if current_setting('server_version_num')::int < 140000 then
+        execute format('drop trigger if exists %I on %s', name, tbl);
+        execute format('create trigger %I %s insert on %s for each row execute function %s()', name, timing, tbl, fn);
+    else
+        execute format('create or replace trigger %I %s insert on %s for each row execute function %s()', name, timing, tbl, fn);
+    end if;
+end
+$$;
+
 create or replace function tat._channel() returns text
 language sql stable security definer set search_path = pg_catalog, pg_temp
 as $$ select coalesce((select value from tat.settings where key = 'channel'), 'tat') $$;
@@ -666,22 +681,8 @@ begin
 end
 $$;
 
--- CREATE OR REPLACE TRIGGER is PostgreSQL 14+: on 13, drop and create.
-do $$
-declare
-    v_create text := case when current_setting('server_version_num')::int >= 140000
-                          then 'create or replace trigger ' else 'create trigger ' end;
-begin
-    if current_setting('server_version_num')::int < 140000 then
-        drop trigger if exists migrations_before_insert on tat.migrations;
-        drop trigger if exists migrations_after_insert on tat.migrations;
-    end if;
-    execute v_create || 'migrations_before_insert before insert on tat.migrations
-        for each row execute function tat._migrations_before_insert()';
-    execute v_create || 'migrations_after_insert after insert on tat.migrations
-        for each row execute function tat._migrations_after_insert()';
-end
-$$;
+select tat._insert_trigger('tat.migrations', 'migrations_before_insert', 'before', 'tat._migrations_before_insert');
+select tat._insert_trigger('tat.migrations', 'migrations_after_insert', 'after', 'tat._migrations_after_insert');
 
 -- ---------------------------------------------------------------------------
 -- triggers on tat.requests
@@ -855,22 +856,8 @@ begin
 end
 $$;
 
--- CREATE OR REPLACE TRIGGER is PostgreSQL 14+: on 13, drop and create.
-do $$
-declare
-    v_create text := case when current_setting('server_version_num')::int >= 140000
-                          then 'create or replace trigger ' else 'create trigger ' end;
-begin
-    if current_setting('server_version_num')::int < 140000 then
-        drop trigger if exists requests_before_insert on tat.requests;
-        drop trigger if exists requests_after_insert on tat.requests;
-    end if;
-    execute v_create || 'requests_before_insert before insert on tat.requests
-        for each row execute function tat._requests_before_insert()';
-    execute v_create || 'requests_after_insert after insert on tat.requests
-        for each row execute function tat._requests_after_insert()';
-end
-$$;
+select tat._insert_trigger('tat.requests', 'requests_before_insert', 'before', 'tat._requests_before_insert');
+select tat._insert_trigger('tat.requests', 'requests_after_insert', 'after', 'tat._requests_after_insert');
 
 -- ---------------------------------------------------------------------------
 -- row level security: a role sees its own jobs and jobs on tables it owns
