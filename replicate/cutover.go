@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -225,7 +226,13 @@ func (m *migration) partitionIndexNames(ctx context.Context, tx pgx.Tx, tbl stri
 // renamePartitionIndexes gives the new partitions' indexes the original
 // names, level by level (a child's parent index is renamed first).
 func (m *migration) renamePartitionIndexes(ctx context.Context, tx pgx.Tx, tbl string, names map[string]string) error {
-	for level := 0; level <= len(m.plan.Partitions) && len(names) > 0; level++ {
+	if len(m.plan.Partitions) == 0 {
+		return nil
+	}
+	if names == nil {
+		names = map[string]string{}
+	}
+	for level := 0; level <= len(m.plan.Partitions); level++ {
 		rows, err := m.q(ctx, tx, qPartitionIndexes, tbl)
 		if err != nil {
 			return err
@@ -233,6 +240,14 @@ func (m *migration) renamePartitionIndexes(ctx context.Context, tx pgx.Tx, tbl s
 		renamed := 0
 		for _, r := range rows {
 			want, ok := names[r[1]+"\x00"+r[2]]
+			if !ok {
+				// An index the ALTER added: PostgreSQL named it after the
+				// shadow partition; in place it would bear the partition's name.
+				if pre := shadowName(r[1], "__tat_new"); strings.HasPrefix(r[3], pre+"_") {
+					want, ok = truncName(r[1]+strings.TrimPrefix(r[3], pre), 63), true
+					names[r[1]+"\x00"+r[2]] = want
+				}
+			}
 			if !ok || want == r[3] {
 				continue
 			}

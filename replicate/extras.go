@@ -121,6 +121,13 @@ func (m *migration) dryRun(ctx context.Context) error {
 		if si.Constraint != "" {
 			m.event(ctx, PhaseIndex, "dry run: would add "+si.Constraint)
 		}
+		for _, pi := range si.Parts {
+			m.event(ctx, PhaseIndex, "dry run: would build "+pi.CreateSQL)
+			if pi.Constraint != "" {
+				m.event(ctx, PhaseIndex, "dry run: would add "+pi.Constraint)
+			}
+			m.event(ctx, PhaseIndex, "dry run: would attach "+pi.Name+" to "+pi.Parent)
+		}
 	}
 	m.event(ctx, PhaseSwitch, fmt.Sprintf("dry run: switch under lock_timeout %s: drop %s, rename %s to %s, re-create dependents; nothing was changed",
 		m.opts.LockTimeout, m.tableRef(), p.Shadow, p.Table))

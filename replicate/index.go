@@ -12,28 +12,42 @@ import (
 // create_index_jobs sessions, each honouring maintenance_work_mem and
 // max_parallel_maintenance_workers. Constraints are attached afterwards
 // (USING INDEX is a catalog change), and exclusion constraints build their
-// own index. An index that already exists and is valid (a continued run) is
-// kept; an invalid leftover is dropped and rebuilt.
+// own index. The index of a partitioned table is built leaf by leaf, the
+// leaves in parallel with everything else, and assembled afterwards. An
+// index that already exists and is valid (a continued run) is kept.
 func (m *migration) buildIndexes(ctx context.Context) error {
 	p := m.plan
+	tables := []string{m.shadowIdent()}
+	for _, pt := range p.Partitions {
+		tables = append(tables, ident(pt.Schema, partShadow(pt)))
+	}
 	existing := map[string]bool{}
-	rows, err := m.q(ctx, m.pool, `select c.relname, i.indisvalid::text from pg_index i join pg_class c on c.oid = i.indexrelid
-		where i.indrelid = $1::regclass`, m.shadowIdent())
+	rows, err := m.q(ctx, m.pool, `select n.nspname, c.relname, i.indisvalid::text, c.relkind::text
+		from pg_index i join pg_class c on c.oid = i.indexrelid join pg_namespace n on n.oid = c.relnamespace
+		where i.indrelid = any($1::regclass[])`, tables)
 	if err != nil {
 		return err
 	}
 	for _, r := range rows {
-		if r[1] != "true" {
-			if _, err := m.exec(ctx, m.pool, "DROP INDEX "+ident(p.Schema, r[0])); err != nil {
-				return fmt.Errorf("drop invalid leftover index %s: %w", r[0], err)
+		if r[2] != "true" && r[3] == "i" {
+			if _, err := m.exec(ctx, m.pool, "DROP INDEX "+ident(r[0], r[1])); err != nil {
+				return fmt.Errorf("drop invalid leftover index %s: %w", r[1], err)
 			}
 			continue
 		}
-		existing[r[0]] = true
+		existing[r[0]+"."+r[1]] = true
 	}
 	var todo []shadowIndex
 	for _, si := range p.Indexes {
-		if !si.Exclusion && !existing[si.Name] {
+		if existing[si.Schema+"."+si.Name] {
+			continue
+		}
+		for _, pi := range si.Parts {
+			if pi.Leaf && !existing[pi.Schema+"."+pi.Name] {
+				todo = append(todo, shadowIndex{Schema: pi.Schema, Table: pi.Table, Name: pi.Name, Final: pi.Name, CreateSQL: pi.CreateSQL})
+			}
+		}
+		if !si.Exclusion && si.Parts == nil {
 			todo = append(todo, si)
 		}
 	}
@@ -44,13 +58,22 @@ func (m *migration) buildIndexes(ctx context.Context) error {
 		if err := m.sessionSettings(ctx, tx); err != nil {
 			return err
 		}
+		if _, err := tx.Exec(ctx, pinnedPath); err != nil {
+			return err
+		}
 		for _, si := range p.Indexes {
+			if si.Parts != nil && !existing[si.Schema+"."+si.Name] {
+				if err := m.assemblePartitioned(ctx, tx, si); err != nil {
+					return err
+				}
+				continue
+			}
 			if si.Constraint == "" {
 				continue
 			}
 			var have bool
 			if err := tx.QueryRow(ctx, `select exists(select 1 from pg_constraint c join pg_class i on i.oid = c.conindid
-				where c.conrelid = $1::regclass and i.relname = $2)`, m.shadowIdent(), si.Name).Scan(&have); err != nil {
+				where c.conrelid = $1::regclass and i.relname = $2)`, ident(si.Schema, si.Table), si.Name).Scan(&have); err != nil {
 				return err
 			}
 			if have {
@@ -62,7 +85,7 @@ func (m *migration) buildIndexes(ctx context.Context) error {
 		}
 		for _, si := range p.Indexes {
 			if si.Clustered {
-				if _, err := m.exec(ctx, tx, "ALTER TABLE "+m.shadowIdent()+" CLUSTER ON "+qi(si.Name)); err != nil {
+				if _, err := m.exec(ctx, tx, "ALTER TABLE "+ident(si.Schema, si.Table)+" CLUSTER ON "+qi(si.Name)); err != nil {
 					return err
 				}
 			}
@@ -74,6 +97,38 @@ func (m *migration) buildIndexes(ctx context.Context) error {
 		}
 		return nil
 	})
+}
+
+// assemblePartitioned creates a partitioned index (or its PRIMARY KEY or
+// UNIQUE constraint) and those of partitioned partitions alone, gives the
+// leaves' built indexes their constraints, and attaches every index to its
+// parent's, deepest first. Only catalog changes: no scan, no build.
+func (m *migration) assemblePartitioned(ctx context.Context, tx pgx.Tx, si shadowIndex) error {
+	top := si.CreateSQL
+	if si.Constraint != "" {
+		top = si.Constraint
+	}
+	stmts := []string{top}
+	for _, pi := range si.Parts {
+		switch {
+		case !pi.Leaf && pi.Constraint != "":
+			stmts = append(stmts, pi.Constraint)
+		case !pi.Leaf:
+			stmts = append(stmts, pi.CreateSQL)
+		case pi.Constraint != "":
+			stmts = append(stmts, pi.Constraint)
+		}
+	}
+	for i := len(si.Parts) - 1; i >= 0; i-- {
+		pi := si.Parts[i]
+		stmts = append(stmts, "ALTER INDEX "+ident(pi.ParentSch, pi.Parent)+" ATTACH PARTITION "+ident(pi.Schema, pi.Name))
+	}
+	for _, s := range stmts {
+		if _, err := m.exec(ctx, tx, s); err != nil {
+			return fmt.Errorf("assemble partitioned index %s: %w", si.Name, err)
+		}
+	}
+	return nil
 }
 
 func (m *migration) buildIndex(ctx context.Context, si shadowIndex) error {

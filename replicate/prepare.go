@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 
 	"github.com/jackc/pgx/v5"
@@ -61,6 +62,24 @@ type shadowIndex struct {
 	Clustered  bool   `json:"clustered"`  // CLUSTER ON mark
 	OrigName   string `json:"orig_name"`  // name on the original, empty when the ALTER added it
 	IsKeyIndex bool   `json:"is_key"`
+	// Parts: for an index of a partitioned table, the indexes of its
+	// partitions, parents before children. CreateSQL then builds the parent
+	// alone (ON ONLY), the leaves are built in parallel with the other
+	// indexes, and ALTER INDEX ... ATTACH PARTITION assembles the tree.
+	Parts []partIndex `json:"parts,omitempty"`
+}
+
+// partIndex is the index of one partition below a partitioned index.
+type partIndex struct {
+	Schema     string `json:"schema"`
+	Table      string `json:"table"`
+	Name       string `json:"name"`
+	Parent     string `json:"parent"` // the index it is attached to, in ParentSchema
+	ParentSch  string `json:"parent_schema"`
+	Leaf       bool   `json:"leaf"`
+	Level      int    `json:"level"`
+	CreateSQL  string `json:"create_sql"` // ON ONLY for a partitioned partition
+	Constraint string `json:"constraint"` // the partition's PRIMARY KEY or UNIQUE
 }
 
 type namedDef struct {
@@ -352,7 +371,8 @@ func (m *migration) capturePlan(ctx context.Context, tx pgx.Tx, p *plan, origFKs
 		n.nspname, t.relname, t.relkind::text,
 		case when i.indisunique and i.indpred is null and i.indexprs is null then
 		  (select string_agg(a.attname, E'\x1f' order by k.ord) from unnest(i.indkey[0:i.indnkeyatts - 1]) with ordinality k(n, ord)
-		   join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.n) else '' end
+		   join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.n) else '' end,
+		i.indexrelid::text
 		from pg_index i join pg_class ic on ic.oid = i.indexrelid join pg_class t on t.oid = i.indrelid
 		join pg_namespace n on n.oid = t.relnamespace
 		left join pg_tablespace ts on ts.oid = ic.reltablespace
@@ -399,12 +419,23 @@ func (m *migration) capturePlan(ctx context.Context, tx pgx.Tx, p *plan, origFKs
 			return err
 		}
 		switch {
-		case (contype == "p" || contype == "u") && r[12] == "p":
-			// ADD CONSTRAINT ... USING INDEX is not supported on partitioned
-			// tables: the constraint builds its index on every partition.
-			si.Exclusion = true
-			si.Constraint = "ALTER TABLE " + on + " ADD CONSTRAINT " + qi(conname) + " " + condef
-			drops = append(drops, "ALTER TABLE "+on+" DROP CONSTRAINT "+qi(conname))
+		case r[12] == "p" && contype != "x":
+			// As pg_dump restores it: the parent's index (or PRIMARY KEY or
+			// UNIQUE constraint) alone, ON ONLY; each leaf's index built on
+			// its own, in parallel; then ATTACH PARTITION, which makes the
+			// parent valid once every partition has its index.
+			if si.CreateSQL, err = retarget(def, name, si.Schema, si.Table, ts, false); err != nil {
+				return err
+			}
+			if si.Parts, err = m.partIndexes(ctx, tx, r[14], contype, r[8] == "true", r[9] == "true"); err != nil {
+				return err
+			}
+			if contype != "" {
+				si.Constraint = "ALTER TABLE ONLY " + on + " ADD CONSTRAINT " + qi(conname) + " " + condef
+				drops = append(drops, "ALTER TABLE "+on+" DROP CONSTRAINT "+qi(conname))
+			} else {
+				drops = append(drops, "DROP INDEX "+ident(si.Schema, name))
+			}
 		case contype == "p" || contype == "u":
 			kind := "PRIMARY KEY"
 			if contype == "u" {
@@ -508,9 +539,61 @@ func (m *migration) planCopy(ctx context.Context, tx pgx.Tx, p *plan) error {
 	return nil
 }
 
+// partIndexes lists the indexes below the partitioned index oid, parents
+// first, with the statements that re-create each one on its own.
+func (m *migration) partIndexes(ctx context.Context, tx pgx.Tx, oid, contype string, deferrable, deferred bool) ([]partIndex, error) {
+	rows, err := m.q(ctx, tx, `select n.nspname, t.relname, c.relname, pn.nspname, pc.relname, pt.isleaf::text, pt.level::text,
+		pg_get_indexdef(c.oid), coalesce(ts.spcname, ''), coalesce(pg_get_constraintdef(con.oid), '')
+		from pg_partition_tree($1::regclass) pt
+		join pg_class c on c.oid = pt.relid join pg_index i on i.indexrelid = c.oid
+		join pg_class t on t.oid = i.indrelid join pg_namespace n on n.oid = t.relnamespace
+		join pg_class pc on pc.oid = pt.parentrelid join pg_namespace pn on pn.oid = pc.relnamespace
+		left join pg_tablespace ts on ts.oid = c.reltablespace
+		left join pg_constraint con on con.conindid = c.oid and con.conrelid = t.oid and con.contype in ('p', 'u')
+		where pt.level > 0 order by pt.level, c.relname`, oid)
+	if err != nil {
+		return nil, fmt.Errorf("partition indexes: %w", err)
+	}
+	parts := make([]partIndex, 0, len(rows))
+	for _, r := range rows {
+		pi := partIndex{Schema: r[0], Table: r[1], Name: r[2], ParentSch: r[3], Parent: r[4], Leaf: r[5] == "true"}
+		pi.Level, _ = strconv.Atoi(r[6])
+		if pi.CreateSQL, err = retarget(r[7], pi.Name, pi.Schema, pi.Table, r[8], pi.Leaf); err != nil {
+			return nil, err
+		}
+		on := ident(pi.Schema, pi.Table)
+		switch {
+		case contype == "" || r[9] == "":
+		case pi.Leaf:
+			kind := "PRIMARY KEY"
+			if contype == "u" {
+				kind = "UNIQUE"
+			}
+			pi.Constraint = "ALTER TABLE " + on + " ADD CONSTRAINT " + qi(pi.Name) + " " + kind + " USING INDEX " + qi(pi.Name)
+			if deferrable {
+				pi.Constraint += " DEFERRABLE"
+				if deferred {
+					pi.Constraint += " INITIALLY DEFERRED"
+				}
+			}
+		default:
+			pi.Constraint = "ALTER TABLE ONLY " + on + " ADD CONSTRAINT " + qi(pi.Name) + " " + r[9]
+		}
+		parts = append(parts, pi)
+	}
+	return parts, nil
+}
+
 // retargetIndex rewrites an index definition to a new name, table and
-// tablespace, through the parser.
+// tablespace, through the parser. On a partitioned table it builds the
+// index on every partition.
 func retargetIndex(def, name, schema, table, tablespace string) (string, error) {
+	return retarget(def, name, schema, table, tablespace, true)
+}
+
+// retarget is retargetIndex; with inh false the index of a partitioned
+// table is created alone (ON ONLY).
+func retarget(def, name, schema, table, tablespace string, inh bool) (string, error) {
 	tree, err := pg_query.Parse(def)
 	if err != nil {
 		return "", fmt.Errorf("parse index definition %q: %w", def, err)
@@ -521,8 +604,7 @@ func retargetIndex(def, name, schema, table, tablespace string) (string, error) 
 	}
 	st.Idxname = name
 	st.Relation.Schemaname, st.Relation.Relname = schema, table
-	// A partitioned index prints as ON ONLY; build it on every partition.
-	st.Relation.Inh = true
+	st.Relation.Inh = inh
 	st.TableSpace = tablespace
 	out, err := pg_query.Deparse(tree)
 	if err != nil {
