@@ -33,6 +33,13 @@ func (m *migration) cutover(ctx context.Context) error {
 		if err := m.waitForBlockers(ctx); err != nil {
 			return err
 		}
+		if pt := m.plan.Parent; pt != nil {
+			// Dropping a partition and attaching another lock the parent
+			// (ONLY: not its other partitions); parent first, as queries do.
+			if _, err := m.exec(ctx, tx, "LOCK TABLE ONLY "+pt.ident()+" IN ACCESS EXCLUSIVE MODE"); err != nil {
+				return err
+			}
+		}
 		if _, err := m.exec(ctx, tx, "LOCK TABLE "+m.t.ident()+" IN ACCESS EXCLUSIVE MODE"); err != nil {
 			return err
 		}
@@ -62,8 +69,8 @@ func (m *migration) waitForBlockers(ctx context.Context) error {
 		var pids []int32
 		err := m.pool.QueryRow(ctx, `select coalesce(array_agg(distinct l.pid), '{}') from pg_locks l
 			join pg_stat_activity a on a.pid = l.pid
-			where l.locktype = 'relation' and l.relation = $1 and l.granted and l.pid <> pg_backend_pid()
-			  and a.xact_start < now() - $2::interval`, m.t.OID, fmt.Sprintf("%d ms", m.lockTimeout().Milliseconds())).Scan(&pids)
+			where l.locktype = 'relation' and l.relation = any($1::oid[]) and l.granted and l.pid <> pg_backend_pid()
+			  and a.xact_start < now() - $2::interval`, m.lockedOIDs(), fmt.Sprintf("%d ms", m.lockTimeout().Milliseconds())).Scan(&pids)
 		if err != nil {
 			return fmt.Errorf("look for blockers: %w", err)
 		}
@@ -78,6 +85,36 @@ func (m *migration) waitForBlockers(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// lockedOIDs: the tables the switch locks.
+func (m *migration) lockedOIDs() []uint32 {
+	oids := []uint32{m.t.OID}
+	if m.plan != nil && m.plan.Parent != nil {
+		oids = append(oids, m.plan.Parent.OID)
+	}
+	return oids
+}
+
+// attachBack (partial mode) attaches the new table to the original's
+// parent. ATTACH PARTITION skips its scan because the shadow's CHECK proves
+// the bound, and it attaches the shadow's indexes to the parent's and clones
+// the parent's triggers; INHERIT is a catalog change. Copies of inherited
+// columns and CHECK constraints stay marked local as well (PostgreSQL
+// cannot unmark them on an inheritance child).
+func (m *migration) attachBack(tbl string) []string {
+	pt := m.plan.Parent
+	switch {
+	case pt == nil:
+		return nil
+	case pt.Bound == "":
+		return []string{"ALTER TABLE " + tbl + " INHERIT " + pt.ident()}
+	}
+	stmts := []string{"ALTER TABLE " + pt.ident() + " ATTACH PARTITION " + tbl + " " + pt.Bound}
+	if pt.BoundCheck != "" {
+		stmts = append(stmts, "ALTER TABLE "+tbl+" DROP CONSTRAINT "+qi(boundCheckName))
+	}
+	return stmts
 }
 
 // ErrConcurrentDDL: the original's shape changed while the job ran.
@@ -146,6 +183,9 @@ func (m *migration) swap(ctx context.Context, tx pgx.Tx) (*dependents, error) {
 		}
 	}
 	if err := run("swap", stmts); err != nil {
+		return nil, err
+	}
+	if err := run("attach to parent", m.attachBack(tbl)); err != nil {
 		return nil, err
 	}
 	if err := m.renamePartitionIndexes(ctx, tx, tbl, partIdx); err != nil {

@@ -137,15 +137,22 @@ func (m *migration) readDependents(ctx context.Context, tx pgx.Tx) (*dependents,
 		d.after = append(d.after, "ALTER TABLE "+tbl+" ADD CONSTRAINT "+qi(f.Name)+" "+def)
 	}
 	// Triggers (not ours), with their enabled state, and rules.
-	trg, err := m.q(ctx, tx, `select tgname, pg_get_triggerdef(oid), tgenabled::text from pg_trigger
+	// A partition's clones of its parent's triggers come back with ATTACH
+	// PARTITION (partial mode); only their enabled state is restored.
+	trg, err := m.q(ctx, tx, `select tgname, pg_get_triggerdef(oid), tgenabled::text, (tgparentid <> 0)::text from pg_trigger
 		where tgrelid = $1 and not tgisinternal and tgname not in ($2, $3) order by tgname`, oid, triggerName, truncTriggerName)
 	if err != nil {
 		return nil, err
 	}
 	for _, t := range trg {
-		d.after = append(d.after, t[1])
+		cloned := t[3] == "true"
+		if !cloned {
+			d.after = append(d.after, t[1])
+		}
 		if s := enableStmt("TRIGGER", tbl, t[0], t[2]); s != "" {
 			d.after = append(d.after, s)
+		} else if cloned {
+			d.after = append(d.after, "ALTER TABLE "+tbl+" ENABLE TRIGGER "+qi(t[0]))
 		}
 	}
 	rules, err := m.q(ctx, tx, `select rulename, pg_get_ruledef(oid), ev_enabled::text from pg_rewrite

@@ -46,6 +46,8 @@ type plan struct {
 	// Partitions of a partitioned table, parents first; each has a shadow
 	// named shadowName(name, "__tat_new") in its own schema.
 	Partitions []partition `json:"partitions"`
+	// Parent: partial mode, the table is attached back to it at the switch.
+	Parent *parentTable `json:"parent,omitempty"`
 }
 
 func partShadow(pt partition) string { return shadowName(pt.Name, "__tat_new") }
@@ -101,7 +103,7 @@ func (m *migration) prepare(ctx context.Context) error {
 		Shadow: shadowName(t.Name, "__tat_new"), Delta: shadowName(t.Name, "__tat_delta"),
 		State: shadowName(t.Name, "__tat_state"), Schema: t.Schema, Table: t.Name, TableID: t.OID,
 		Command: m.cmd.Text, Capture: m.opts.Capture, Fingerprint: t.Fingerprint, Key: t.Key, KeyTypes: t.KeyTypes, IndexMap: map[string]string{},
-		Renames: m.cmd.renames, Partitions: t.Partitions,
+		Renames: m.cmd.renames, Partitions: t.Partitions, Parent: t.Parent,
 	}
 	shadow := ident(p.Schema, p.Shadow)
 
@@ -205,6 +207,11 @@ func (m *migration) prepare(ctx context.Context) error {
 		stmts = append(stmts, "ALTER TABLE "+shadow+" REPLICA IDENTITY FULL")
 	} else if replIdent == "n" {
 		stmts = append(stmts, "ALTER TABLE "+shadow+" REPLICA IDENTITY NOTHING")
+	}
+	if t.Parent != nil && t.Parent.BoundCheck != "" {
+		// Checked row by row during the load, it spares ATTACH PARTITION a
+		// scan of the new partition under the switch's lock.
+		stmts = append(stmts, "ALTER TABLE "+shadow+" ADD CONSTRAINT "+qi(boundCheckName)+" CHECK ("+t.Parent.BoundCheck+")")
 	}
 	for _, s := range stmts {
 		if _, err := m.exec(ctx, tx, s); err != nil {
@@ -322,6 +329,9 @@ func (m *migration) prepare(ctx context.Context) error {
 		if _, err := m.exec(ctx, tx, sql); err != nil {
 			return fmt.Errorf("%w: the command fails on a copy of %s: %v", ErrBadCommand, t.ident(), err)
 		}
+	}
+	if err := m.checkInherited(ctx, tx, p); err != nil {
+		return err
 	}
 	if err := m.renameNotNulls(ctx, tx, p); err != nil {
 		return err
@@ -773,6 +783,44 @@ func (m *migration) renameShadowNamed(ctx context.Context, tx pgx.Tx, p *plan) e
 			return fmt.Errorf("rename constraint %s on the shadow: %w", r[0], err)
 		}
 		taken[name] = true
+	}
+	return nil
+}
+
+// checkInherited refuses, in partial mode, a command that changes what the
+// table inherits from its parent: the shadow could not be attached back.
+// PostgreSQL refuses the same in place ("cannot alter inherited column").
+func (m *migration) checkInherited(ctx context.Context, tx pgx.Tx, p *plan) error {
+	if p.Parent == nil {
+		return nil
+	}
+	cols := func(rel string) string {
+		return `select attname, format_type(atttypid, atttypmod), attcollation, attnotnull
+		from pg_attribute where attrelid = ` + rel + `::regclass and attnum > 0 and not attisdropped`
+	}
+	rows, err := m.q(ctx, tx, `select x.attname from (`+cols("$1")+`) x
+		where not exists (select 1 from (`+cols("$2")+`) s where s.attname = x.attname and s.format_type = x.format_type
+		  and s.attcollation = x.attcollation and (s.attnotnull or not x.attnotnull))
+		order by 1`, p.Parent.ident(), ident(p.Schema, p.Shadow))
+	if err != nil {
+		return fmt.Errorf("compare with parent: %w", err)
+	}
+	if len(rows) > 0 {
+		return fmt.Errorf("%w: the command changes column %s, which %s inherits from %s; alter %[3]s instead",
+			ErrBadCommand, rows[0][0], m.tableRef(), p.Parent.ident())
+	}
+	if p.Parent.Bound == "" {
+		return nil
+	}
+	rows, err = m.q(ctx, tx, `select attname from pg_attribute s where attrelid = $1::regclass and attnum > 0 and not attisdropped
+		and not exists (select 1 from pg_attribute x where x.attrelid = $2::regclass and x.attname = s.attname and not x.attisdropped)`,
+		ident(p.Schema, p.Shadow), p.Parent.ident())
+	if err != nil {
+		return fmt.Errorf("compare with parent: %w", err)
+	}
+	if len(rows) > 0 {
+		return fmt.Errorf("%w: the command adds column %s, which partition %s cannot have unless %s has it",
+			ErrBadCommand, rows[0][0], m.tableRef(), p.Parent.ident())
 	}
 	return nil
 }

@@ -39,7 +39,27 @@ type table struct {
 	Fingerprint  string // of columns, indexes and constraints: concurrent DDL changes it
 	PartKey      string // PARTITION BY clause of a partitioned table
 	Partitions   []partition
+	Parent       *parentTable // partial mode: the table is a partition or an inheritance child
 }
+
+// parentTable is the parent a partition or an inheritance child is attached
+// back to at the switch (partial mode, the original tool's --partial-mode).
+type parentTable struct {
+	OID    uint32 `json:"oid"`
+	Schema string `json:"schema"`
+	Name   string `json:"name"`
+	// Bound is the partition bound ("FOR VALUES ...", "DEFAULT"); empty for
+	// an inheritance child.
+	Bound string `json:"bound"`
+	// BoundCheck is the partition constraint, pre-created on the shadow as a
+	// CHECK so that ATTACH PARTITION needs no scan under the lock.
+	BoundCheck string `json:"bound_check"`
+}
+
+// boundCheckName names the shadow's CHECK that proves the partition bound.
+const boundCheckName = "tat_partition_bound"
+
+func (p *parentTable) ident() string { return ident(p.Schema, p.Name) }
 
 // partition is one table of a partitioned table's tree, parents first.
 type partition struct {
@@ -308,6 +328,59 @@ func keyList(cols []string, prefix string) string {
 	return strings.Join(parts, ", ")
 }
 
+// loadParent reads the parent of a partition or an inheritance child and
+// refuses what the switch could not attach back without a scan under lock.
+func loadParent(ctx context.Context, conn pgx.Tx, t *table, rel string, isPartition bool) error {
+	rows, err := conn.Query(ctx, `select p.oid, n.nspname, p.relname, coalesce(pg_get_expr(c.relpartbound, c.oid), ''),
+		coalesce(pg_get_partition_constraintdef(c.oid), '')
+		from pg_inherits h join pg_class p on p.oid = h.inhparent join pg_namespace n on n.oid = p.relnamespace
+		join pg_class c on c.oid = h.inhrelid where h.inhrelid = $1`, t.OID)
+	if err != nil {
+		return fmt.Errorf("read parent of %s: %w", rel, err)
+	}
+	var parents []parentTable
+	for rows.Next() {
+		var p parentTable
+		var check string
+		if err := rows.Scan(&p.OID, &p.Schema, &p.Name, &p.Bound, &check); err != nil {
+			rows.Close()
+			return fmt.Errorf("read parent of %s: %w", rel, err)
+		}
+		if isPartition {
+			p.BoundCheck = check
+		} else {
+			p.Bound = ""
+		}
+		parents = append(parents, p)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return err
+	}
+	switch {
+	case len(parents) == 0:
+		return nil
+	case len(parents) > 1:
+		return fmt.Errorf("%s inherits from %d tables; partial mode attaches a child back to one parent", rel, len(parents))
+	case isPartition && t.Kind == "p":
+		return fmt.Errorf("%s is a partitioned partition of %s: alter %[2]s, or one leaf partition", rel, parents[0].ident())
+	}
+	p := parents[0]
+	// Foreign keys of or to the parent's tree are cloned to, or check,
+	// every partition: attaching a new one would validate them by a scan
+	// under the lock.
+	var fks int
+	if err := conn.QueryRow(ctx, `select count(*) from pg_constraint where contype = 'f'
+		and (conrelid = $1 or confrelid = $1 or conrelid = $2 and conparentid <> 0 or confrelid = $2)`, p.OID, t.OID).Scan(&fks); err != nil {
+		return err
+	}
+	if fks > 0 && isPartition {
+		return fmt.Errorf("%s: its partitioned table %s has foreign keys (or is referenced by one), which attaching the new partition would validate by a scan under lock; alter %[2]s instead", rel, p.ident())
+	}
+	t.Parent = &p
+	return nil
+}
+
 // loadPartitions reads a partitioned table's tree and refuses what cannot
 // be swapped faithfully: temporary tables, system schemas, a partition on
 // its own, inheritance (non-partition) children, foreign-table partitions.
@@ -321,10 +394,11 @@ func loadPartitions(ctx context.Context, conn pgx.Tx, t *table, rel string) erro
 		return fmt.Errorf("%s is a temporary table: other sessions cannot see it", rel)
 	case t.Schema == "pg_catalog" || t.Schema == "information_schema" || t.Schema == "pg_toast":
 		return fmt.Errorf("%s is a system catalog", rel)
-	case isPartition:
-		return fmt.Errorf("%s is a partition: alter its partitioned table instead (single-partition mode is not supported)", rel)
 	case t.Kind != "r" && t.Kind != "p":
 		return fmt.Errorf("%s is not a table (relkind %s)", rel, t.Kind)
+	}
+	if err := loadParent(ctx, conn, t, rel, isPartition); err != nil {
+		return err
 	}
 	rows, err := conn.Query(ctx, qPartitions, t.OID)
 	if err != nil {
