@@ -258,6 +258,9 @@ func cleanup(ctx context.Context, pool *pgxpool.Pool, schema, name string, m *mi
 	if err := cleanupLogical(ctx, m, pool, schema, name); err != nil {
 		return fmt.Errorf("cleanup %s: %w", tbl, err)
 	}
+	if err := dropDefaultGuard(ctx, m, pool, schema, name); err != nil {
+		return fmt.Errorf("cleanup %s: default partition: %w", tbl, err)
+	}
 	p := &plan{Schema: schema, Table: name}
 	for _, s := range []string{
 		"DROP TABLE IF EXISTS " + ident(schema, shadowName(name, "__tat_new")),

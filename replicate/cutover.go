@@ -39,6 +39,11 @@ func (m *migration) cutover(ctx context.Context) error {
 			if _, err := m.exec(ctx, tx, "LOCK TABLE ONLY "+pt.ident()+" IN ACCESS EXCLUSIVE MODE"); err != nil {
 				return err
 			}
+			if pt.DefaultName != "" {
+				if _, err := m.exec(ctx, tx, "LOCK TABLE "+ident(pt.DefaultSchema, pt.DefaultName)+" IN ACCESS EXCLUSIVE MODE"); err != nil {
+					return err
+				}
+			}
 		}
 		if _, err := m.exec(ctx, tx, "LOCK TABLE "+m.t.ident()+" IN ACCESS EXCLUSIVE MODE"); err != nil {
 			return err
@@ -94,27 +99,6 @@ func (m *migration) lockedOIDs() []uint32 {
 		oids = append(oids, m.plan.Parent.OID)
 	}
 	return oids
-}
-
-// attachBack (partial mode) attaches the new table to the original's
-// parent. ATTACH PARTITION skips its scan because the shadow's CHECK proves
-// the bound, and it attaches the shadow's indexes to the parent's and clones
-// the parent's triggers; INHERIT is a catalog change. Copies of inherited
-// columns and CHECK constraints stay marked local as well (PostgreSQL
-// cannot unmark them on an inheritance child).
-func (m *migration) attachBack(tbl string) []string {
-	pt := m.plan.Parent
-	switch {
-	case pt == nil:
-		return nil
-	case pt.Bound == "":
-		return []string{"ALTER TABLE " + tbl + " INHERIT " + pt.ident()}
-	}
-	stmts := []string{"ALTER TABLE " + pt.ident() + " ATTACH PARTITION " + tbl + " " + pt.Bound}
-	if pt.BoundCheck != "" {
-		stmts = append(stmts, "ALTER TABLE "+tbl+" DROP CONSTRAINT "+qi(boundCheckName))
-	}
-	return stmts
 }
 
 // ErrConcurrentDDL: the original's shape changed while the job ran.

@@ -143,6 +143,9 @@ func (m *migration) phases(ctx context.Context, resumed bool) error {
 	if err := m.buildIndexes(ctx); err != nil {
 		return fmt.Errorf("index: %w", err)
 	}
+	if err := m.guardDefaultPartition(ctx); err != nil {
+		return fmt.Errorf("index: %w", err)
+	}
 	m.setPhase(ctx, PhaseAnalyze)
 	if err := m.analyze(ctx); err != nil {
 		return fmt.Errorf("analyze: %w", err)

@@ -54,6 +54,10 @@ type parentTable struct {
 	// BoundCheck is the partition constraint, pre-created on the shadow as a
 	// CHECK so that ATTACH PARTITION needs no scan under the lock.
 	BoundCheck string `json:"bound_check"`
+	// The parent's DEFAULT partition, when the table is another partition:
+	// see guardDefaultPartition.
+	DefaultSchema string `json:"default_schema,omitempty"`
+	DefaultName   string `json:"default_name,omitempty"`
 }
 
 // boundCheckName names the shadow's CHECK that proves the partition bound.
@@ -377,6 +381,14 @@ func loadParent(ctx context.Context, conn pgx.Tx, t *table, rel string, isPartit
 	if fks > 0 && isPartition {
 		return fmt.Errorf("%s: its partitioned table %s has foreign keys (or is referenced by one), which attaching the new partition would validate by a scan under lock; alter %[2]s instead", rel, p.ident())
 	}
+	if isPartition && p.Bound != "DEFAULT" {
+		err := conn.QueryRow(ctx, `select n.nspname, c.relname from pg_partitioned_table pt
+			join pg_class c on c.oid = pt.partdefid join pg_namespace n on n.oid = c.relnamespace
+			where pt.partrelid = $1`, p.OID).Scan(&p.DefaultSchema, &p.DefaultName)
+		if err != nil && !errors.Is(err, pgx.ErrNoRows) {
+			return fmt.Errorf("read default partition of %s: %w", p.ident(), err)
+		}
+	}
 	t.Parent = &p
 	return nil
 }
@@ -415,10 +427,14 @@ func loadPartitions(ctx context.Context, conn pgx.Tx, t *table, rel string) erro
 			return fmt.Errorf("read partitions of %s: %w", rel, err)
 		}
 		if !isPart || bound == nil {
-			return fmt.Errorf("%s has inheritance children (%s); only declarative partitioning is supported", rel, p.Name)
+			return fmt.Errorf("%s has inheritance children (%s): an inheritance parent is not supported (alter each child on its own, or use declarative partitioning)", rel, p.Name)
 		}
 		if kind == "f" {
-			return fmt.Errorf("%s has a foreign-table partition (%s), which cannot be copied", rel, p.Name)
+			// Leaving it in place and attaching it to the new tree would be
+			// a catalog change, but PostgreSQL allows no PRIMARY KEY or
+			// UNIQUE index on a tree with a foreign partition, and capture
+			// and copy need a key.
+			return fmt.Errorf("%s has a foreign-table partition (%s): PostgreSQL allows no primary key or unique index on such a tree, and online migration needs a key", rel, p.Name)
 		}
 		p.Bound = *bound
 		t.Partitions = append(t.Partitions, p)
