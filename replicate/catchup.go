@@ -212,15 +212,21 @@ func isConstraintConflict(err error) bool {
 //
 // A slice of the delta is not a consistent cut: it re-reads the current rows
 // of its keys while the shadow rows of keys further on in the delta are
-// still stale. When a unique value moved between rows (a swap under a
-// deferred constraint, or a value freed by one row and taken by another),
-// the slice's re-read rows collide with such a stale row. The whole delta
-// then is applied at once: with trigger capture the delta and the original
-// are read under one snapshot, so the result is an exact image of the
-// original and cannot collide (a collision then is real, e.g. a constraint
-// the ALTER adds that new rows violate, and fails the job). With logical
-// capture the stream may not have delivered the other side of the move yet:
-// the whole-delta apply is retried a few times while it catches up.
+// still stale, and with logical capture even the whole delta lags the
+// original. When a unique value moved between rows (a swap under a deferred
+// constraint, or a value freed by one row and taken by another), a re-read
+// row collides with such a stale row. The conflict closure (closure.go)
+// displaces and re-reads the stale rows in the same snapshot, so on the
+// shadow's UNIQUE indexes on columns this does not happen.
+//
+// What the closure does not cover (exclusion constraints, expression or
+// NULLS NOT DISTINCT unique indexes) falls back to applying the whole delta
+// at once: with trigger capture the delta and the original are read under
+// one snapshot, so the result is an exact image of the original and cannot
+// collide (a collision then is real, e.g. a constraint the ALTER adds that
+// new rows violate, and fails the job). With logical capture the stream may
+// not have delivered the other side of the move yet: the whole-delta apply
+// is retried a few times while it catches up.
 func (m *migration) applyDelta(ctx context.Context, db txStarter, limit int64) (int64, error) {
 	n, err := m.applyDeltaOnce(ctx, db, limit)
 	if err == nil || !isConstraintConflict(err) {
@@ -291,6 +297,11 @@ WHERE (%s) IN (SELECT %s FROM %s WHERE seq > $1 AND seq < $2 AND op NOT IN ('T',
 	apply := func(from, to int64) error {
 		if _, err := m.exec(ctx, tx, del, from, to); err != nil {
 			return fmt.Errorf("apply delta (delete): %w", err)
+		}
+		// Between the delete and the insert: make room for the re-read
+		// rows in the shadow's unique indexes (see closure.go).
+		if err := m.closeOver(ctx, tx, from, to); err != nil {
+			return err
 		}
 		if _, err := m.exec(ctx, tx, ins, from, to); err != nil {
 			return fmt.Errorf("apply delta (insert): %w", err)

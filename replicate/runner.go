@@ -37,7 +37,8 @@ type migration struct {
 	filter      string // CopyDataFilter as deparsed by the parser, or ""
 	capture     capture
 	steer       steering
-	snapshot    string // exported snapshot every copy batch must use ("" for trigger capture)
+	snapshot    string         // exported snapshot every copy batch must use ("" for trigger capture)
+	closure     *uniqueClosure // set once the shadow's indexes exist; nil: no unique index to close over
 
 	mu           sync.Mutex
 	phase        string
@@ -144,6 +145,9 @@ func (m *migration) phases(ctx context.Context, resumed bool) error {
 		return fmt.Errorf("index: %w", err)
 	}
 	if err := m.guardDefaultPartition(ctx); err != nil {
+		return fmt.Errorf("index: %w", err)
+	}
+	if err := m.loadClosure(ctx); err != nil {
 		return fmt.Errorf("index: %w", err)
 	}
 	m.setPhase(ctx, PhaseAnalyze)
