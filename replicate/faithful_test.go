@@ -169,7 +169,7 @@ func faithCases() []faithCase {
 					t.Fatalf("%s rows with a stale generated column", got)
 				}
 			}},
-		{name: "generated virtual", min: 180000, setup: `create table t (id int primary key, v text, n int,
+		{name: "generated virtual", min: 180000, bug: "a VIRTUAL generated column (18+) comes back STORED", setup: `create table t (id int primary key, v text, n int,
 			g text generated always as (v || id::text) virtual)`},
 		{name: "collations", setup: `create collation t_coll from "C";
 			create table t (id int primary key, v text, n int, c text collate "C", d varchar(20) collate t_coll, e text collate "POSIX");
@@ -205,7 +205,7 @@ func faithCases() []faithCase {
 			more: func(ver int) string {
 				if ver >= 180000 {
 					// Named and NOT VALID NOT NULL constraints (18+).
-					return "alter table t add constraint t_w_named not null w not valid"
+					return "alter table t alter column w set default 0, add constraint t_w_named not null w not valid"
 				}
 				return ""
 			}},

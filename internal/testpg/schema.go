@@ -96,7 +96,7 @@ func schemaQueries(ver int) []string {
 	}
 	virtual := ""
 	if ver >= 180000 {
-		virtual = " when 'v' then 'virtual'"
+		virtual = " when 'v' then ' virtual'"
 	}
 	enforced := "''"
 	if ver >= 180000 {
@@ -171,7 +171,8 @@ select format('%s %I.%I column %I: %s', case c.relkind when 'r' then 'table' whe
   case when a.attcollation <> 0 and a.attcollation <> ty.typcollation then 'collate ' || a.attcollation::regcollation::text end,
   case when a.attnotnull then 'not null' end,
   case when a.attgenerated = '' then 'default ' || pg_get_expr(d.adbin, d.adrelid) end,
-  case a.attgenerated when 's' then 'generated always as ' || pg_get_expr(d.adbin, d.adrelid) || ' stored'` + virtual + ` end,
+  case when a.attgenerated <> '' then 'generated always as ' || pg_get_expr(d.adbin, d.adrelid) ||
+    case a.attgenerated when 's' then ' stored'` + virtual + ` end end,
   case a.attidentity when 'a' then 'identity always' when 'd' then 'identity by default' end,
   case when a.attstorage <> ty.typstorage then 'storage ' || a.attstorage::text end,
   case when ` + compression + ` <> '' then 'compression ' || ` + compression + ` end,
