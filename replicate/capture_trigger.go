@@ -75,11 +75,12 @@ BEGIN
     INSERT INTO %s (op, rel) VALUES (CASE WHEN TG_RELID = %d THEN 'T' ELSE 'P' END, TG_RELID);
     RETURN NULL;
   END IF;
+  -- rel: the table of an inheritance tree that holds the row
   IF TG_OP <> 'DELETE' THEN
-    INSERT INTO %s (op, %s) VALUES ('U', %s);
+    INSERT INTO %s (op, rel, %s) VALUES ('U', TG_RELID, %s);
   END IF;
   IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND ROW(%s) IS DISTINCT FROM ROW(%s)) THEN
-    INSERT INTO %s (op, %s) VALUES ('D', %s);
+    INSERT INTO %s (op, rel, %s) VALUES ('D', TG_RELID, %s);
   END IF;
   RETURN NULL;
 END $f$`, captureFunc(p), delta, m.t.OID, delta, kcols, strings.Join(newVals, ", "),
@@ -108,11 +109,17 @@ END $f$`, captureFunc(p), delta, m.t.OID, delta, kcols, strings.Join(newVals, ",
 			fmt.Sprintf("ALTER TABLE %s ENABLE ALWAYS TRIGGER %s", m.t.ident(), qi(truncTriggerName)),
 		}
 		// A TRUNCATE of one partition fires only that partition's triggers.
+		// An inheritance child's rows fire only its own row triggers.
 		for _, pt := range p.Partitions {
 			if pt.PartKey != "" {
 				continue
 			}
 			part := ident(pt.Schema, pt.Name)
+			if pt.Inherit {
+				stmts = append(stmts,
+					fmt.Sprintf("CREATE TRIGGER %s AFTER INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW EXECUTE FUNCTION %s()", qi(triggerName), part, captureFunc(p)),
+					fmt.Sprintf("ALTER TABLE %s ENABLE ALWAYS TRIGGER %s", part, qi(triggerName)))
+			}
 			stmts = append(stmts,
 				fmt.Sprintf("CREATE TRIGGER %s AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION %s()", qi(truncTriggerName), part, captureFunc(p)),
 				fmt.Sprintf("ALTER TABLE %s ENABLE ALWAYS TRIGGER %s", part, qi(truncTriggerName)))
@@ -237,7 +244,10 @@ func cleanup(ctx context.Context, pool *pgxpool.Pool, schema, name string, m *mi
 	// Capture triggers on the table and, for a partitioned table, on its partitions.
 	trigs, err := m.q(ctx, pool, `select quote_ident(n.nspname) || '.' || quote_ident(c.relname), quote_ident(t.tgname)
 		from pg_trigger t join pg_class c on c.oid = t.tgrelid join pg_namespace n on n.oid = c.relnamespace
-		where (t.tgrelid = to_regclass($1) or t.tgrelid in (select relid from pg_partition_tree(to_regclass($1)))) and t.tgname in ($2, $3)`,
+		where (t.tgrelid = to_regclass($1) or t.tgrelid in (with recursive tree(oid) as (
+		  select inhrelid from pg_inherits where inhparent = to_regclass($1)
+		  union all select h.inhrelid from tree join pg_inherits h on h.inhparent = tree.oid) select oid from tree))
+		  and t.tgname in ($2, $3)`,
 		tbl, triggerName, truncTriggerName)
 	if err != nil {
 		return fmt.Errorf("cleanup %s: %w", tbl, err)
@@ -263,7 +273,8 @@ func cleanup(ctx context.Context, pool *pgxpool.Pool, schema, name string, m *mi
 	}
 	p := &plan{Schema: schema, Table: name}
 	for _, s := range []string{
-		"DROP TABLE IF EXISTS " + ident(schema, shadowName(name, "__tat_new")),
+		// CASCADE: the shadows of inheritance children depend on it.
+		"DROP TABLE IF EXISTS " + ident(schema, shadowName(name, "__tat_new")) + " CASCADE",
 		"DROP TABLE IF EXISTS " + ident(schema, shadowName(name, "__tat_delta")),
 		"DROP TABLE IF EXISTS " + ident(schema, shadowName(name, "__tat_state")),
 		"DROP FUNCTION IF EXISTS " + captureFunc(p) + "()",

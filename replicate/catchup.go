@@ -308,6 +308,9 @@ WHERE (%s) IN (SELECT %s FROM %s WHERE seq > $1 AND seq < $2 AND op NOT IN ('T',
 		}
 		return nil
 	}
+	if p.inherits() {
+		apply = func(from, to int64) error { return m.applyTree(ctx, tx, from, to, on, src, kc) }
+	}
 	// TRUNCATE markers split the slice: the keys before a marker are applied,
 	// then the shadow (or the shadow of the truncated partition) is emptied,
 	// and the keys after it are re-read. Keys before a whole-table TRUNCATE
@@ -321,7 +324,22 @@ WHERE (%s) IN (SELECT %s FROM %s WHERE seq > $1 AND seq < $2 AND op NOT IN ('T',
 	for _, mk := range markers {
 		seq, _ := strconv.ParseInt(mk[0], 10, 64)
 		target := m.shadowIdent()
-		if mk[1] == "P" {
+		if p.inherits() {
+			// Each table of an inheritance tree fires its own TRUNCATE
+			// trigger; the others' rows stay: replay ONLY that table.
+			if err := apply(from, seq); err != nil {
+				return 0, err
+			}
+			target = ""
+			for _, tt := range m.treeTables() {
+				if fmt.Sprint(tt.OID) == mk[2] {
+					target = "ONLY " + tt.Dst
+				}
+			}
+			if target == "" {
+				return 0, fmt.Errorf("a table (oid %s) unknown when the job started was truncated", mk[2])
+			}
+		} else if mk[1] == "P" {
 			if err := apply(from, seq); err != nil {
 				return 0, err
 			}
@@ -349,4 +367,25 @@ WHERE (%s) IN (SELECT %s FROM %s WHERE seq > $1 AND seq < $2 AND op NOT IN ('T',
 		return 0, fmt.Errorf("apply delta (trim): %w", err)
 	}
 	return tag.RowsAffected(), nil
+}
+
+// applyTree is the delta apply of an inheritance tree: each table's keys
+// (rel says which table held the row) are replayed from that table only.
+func (m *migration) applyTree(ctx context.Context, tx pgx.Tx, from, to int64, on, src, kc []string) error {
+	delta := m.deltaIdent()
+	for _, tt := range m.treeTables() {
+		del := fmt.Sprintf("DELETE FROM ONLY %s s USING %s d WHERE d.seq > $1 AND d.seq < $2 AND d.op NOT IN ('T', 'P') AND d.rel = $3 AND %s",
+			tt.Dst, delta, strings.Join(on, " AND "))
+		if _, err := m.exec(ctx, tx, del, from, to, tt.OID); err != nil {
+			return fmt.Errorf("apply delta to %s (delete): %w", tt.Dst, err)
+		}
+		ins := fmt.Sprintf(`INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM %s t
+WHERE (%s) IN (SELECT %s FROM %s WHERE seq > $1 AND seq < $2 AND op NOT IN ('T', 'P') AND rel = $3)%s`,
+			tt.Dst, strings.Join(tt.InsertCols, ", "), strings.Join(tt.SelectExprs, ", "), tt.Src,
+			strings.Join(src, ", "), strings.Join(kc, ", "), delta, m.filterAnd())
+		if _, err := m.exec(ctx, tx, ins, from, to, tt.OID); err != nil {
+			return fmt.Errorf("apply delta to %s (insert): %w", tt.Dst, err)
+		}
+	}
+	return nil
 }

@@ -24,7 +24,7 @@ import (
 func (m *migration) planRanges(ctx context.Context) error {
 	p := m.plan
 	var ranges [][2]*string
-	if len(p.Key) == 1 && isIntType(p.KeyTypes[0]) {
+	if len(p.Key) == 1 && isIntType(p.KeyTypes[0]) && !p.inherits() {
 		var lo, hi *int64
 		err := m.pool.QueryRow(ctx, fmt.Sprintf("SELECT min(%s)::bigint, max(%s)::bigint FROM %s",
 			qi(p.Key[0]), qi(p.Key[0]), m.t.ident())).Scan(&lo, &hi)
@@ -56,6 +56,15 @@ func (m *migration) planRanges(ctx context.Context) error {
 	if ranges == nil {
 		ranges = [][2]*string{{nil, nil}}
 	}
+	var rels []int
+	if p.inherits() {
+		// One keyset range per table of the tree, copied in parallel.
+		ranges = nil
+		for i := range m.treeTables() {
+			ranges = append(ranges, [2]*string{nil, nil})
+			rels = append(rels, i)
+		}
+	}
 	// All ranges in one transaction: a continued run trusts that the state
 	// table lists the whole key space.
 	return pgx.BeginFunc(ctx, m.pool, func(tx pgx.Tx) error {
@@ -67,7 +76,11 @@ func (m *migration) planRanges(ctx context.Context) error {
 			if r[1] != nil {
 				hi = []string{*r[1]}
 			}
-			if _, err := m.exec(ctx, tx, "INSERT INTO "+m.stateIdent()+" (range_id, lo, hi) VALUES ($1, $2, $3)", i, lo, hi); err != nil {
+			rel := 0
+			if rels != nil {
+				rel = rels[i]
+			}
+			if _, err := m.exec(ctx, tx, "INSERT INTO "+m.stateIdent()+" (range_id, lo, hi, rel) VALUES ($1, $2, $3, $4)", i, lo, hi, rel); err != nil {
 				return fmt.Errorf("store range %d: %w", i, err)
 			}
 		}
@@ -82,22 +95,23 @@ func isIntType(t string) bool {
 type copyRange struct {
 	id     int
 	lo, hi []string // exclusive lower, inclusive upper; nil = unbounded
+	rel    int      // table of an inheritance tree (treeTables), else 0
 }
 
 func (m *migration) copyData(ctx context.Context) error {
-	rows, err := m.pool.Query(ctx, "SELECT range_id, coalesce(last, lo), hi FROM "+m.stateIdent()+" WHERE NOT done ORDER BY range_id")
+	rows, err := m.pool.Query(ctx, "SELECT range_id, coalesce(last, lo), hi, rel FROM "+m.stateIdent()+" WHERE NOT done ORDER BY range_id")
 	if err != nil {
 		return fmt.Errorf("read ranges: %w", err)
 	}
 	todo, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (copyRange, error) {
 		var c copyRange
-		err := r.Scan(&c.id, &c.lo, &c.hi)
+		err := r.Scan(&c.id, &c.lo, &c.hi, &c.rel)
 		return c, err
 	})
 	if err != nil {
 		return fmt.Errorf("read ranges: %w", err)
 	}
-	if len(m.plan.Key) == 1 && isIntType(m.plan.KeyTypes[0]) && len(todo) > 0 {
+	if len(m.plan.Key) == 1 && isIntType(m.plan.KeyTypes[0]) && len(todo) > 0 && !m.plan.inherits() {
 		// Bounds and density of the key, read in the copy's snapshot.
 		var kmin, kmax *int64
 		var est int64
@@ -251,14 +265,24 @@ func (m *migration) copyRange(ctx context.Context, r copyRange) error {
 		lastK[i] = fmt.Sprintf("_k%d::text", i+1)
 		descK[i] = fmt.Sprintf("_k%d DESC", i+1)
 	}
+	src, dst, insCols := m.t.ident(), m.shadowIdent(), p.InsertCols
+	if p.inherits() {
+		tt := m.treeTables()[r.rel]
+		src, dst, insCols = tt.Src, tt.Dst, tt.InsertCols
+		sel, out = sel[:n], out[:0]
+		for i, e := range tt.SelectExprs {
+			sel = append(sel, fmt.Sprintf("%s AS _c%d", e, i+1))
+			out = append(out, fmt.Sprintf("_c%d", i+1))
+		}
+	}
 	build := func(lo, hi []string) (string, []any) {
 		w, args := rangeCond(keyT, p.KeyTypes, lo, hi)
 		w = m.filterWhere(w)
 		return fmt.Sprintf(`WITH src AS (SELECT %s FROM %s t%s ORDER BY %s LIMIT $%d),
 ins AS (INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM src)
 SELECT count(*) OVER (), ARRAY[%s] FROM src ORDER BY %s LIMIT 1`,
-			strings.Join(sel, ", "), m.t.ident(), w, strings.Join(keyT, ", "), len(args)+1,
-			m.shadowIdent(), strings.Join(p.InsertCols, ", "), strings.Join(out, ", "),
+			strings.Join(sel, ", "), src, w, strings.Join(keyT, ", "), len(args)+1,
+			dst, strings.Join(insCols, ", "), strings.Join(out, ", "),
 			strings.Join(lastK, ", "), strings.Join(descK, ", ")), args
 	}
 	lo := r.lo

@@ -115,8 +115,8 @@ func (m *migration) swap(ctx context.Context, tx pgx.Tx) (*dependents, error) {
 	if _, err := tx.Exec(ctx, catalogPath); err != nil {
 		return nil, err
 	}
-	var fp string
-	if err := tx.QueryRow(ctx, qFingerprint, p.TableID).Scan(&fp); err != nil {
+	fp, err := treeFingerprint(ctx, tx, p.TableID, p.Partitions)
+	if err != nil {
 		return nil, fmt.Errorf("fingerprint: %w", err)
 	}
 	if fp != p.Fingerprint {
@@ -150,8 +150,15 @@ func (m *migration) swap(ctx context.Context, tx pgx.Tx) (*dependents, error) {
 	if err != nil {
 		return nil, err
 	}
+	drop := tbl
+	for _, pt := range p.Partitions {
+		if pt.Inherit {
+			// Children of an inheritance tree go with it, in one statement.
+			drop += ", " + ident(pt.Schema, pt.Name)
+		}
+	}
 	stmts := []string{
-		"DROP TABLE " + tbl,
+		"DROP TABLE " + drop,
 		"ALTER TABLE " + m.shadowIdent() + " RENAME TO " + qi(p.Table),
 	}
 	for _, pt := range p.Partitions {

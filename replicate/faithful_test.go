@@ -354,10 +354,13 @@ func faithCases() []faithCase {
 		{name: "vacuum freeze", setup: baseTable,
 			opt: func(o *replicate.Options) { o.VacuumFreeze = true },
 			check: func(t *testing.T, e *env, _ *events) {
-				// VACUUM (FREEZE) sets the visibility map; ANALYZE alone leaves
-				// relallvisible at 0 on a freshly loaded table.
-				if got := e.str("select relallvisible from pg_class where oid = 't'::regclass"); got == "0" {
-					t.Fatal("relallvisible is 0: the new table was not vacuumed")
+				// VACUUM (FREEZE) sets the visibility map (ANALYZE alone leaves
+				// relallvisible at 0 on a freshly loaded table), but the writer
+				// may have dirtied every page since: then the vacuum counter
+				// of the new table (its statistics moved with its OID) tells.
+				if got := e.str(`select c.relallvisible > 0 or s.vacuum_count > 0 from pg_class c
+					join pg_stat_user_tables s on s.relid = c.oid where c.oid = 't'::regclass`); got != "true" {
+					t.Fatal("the new table was not vacuumed")
 				}
 				if got := e.str("select age(relfrozenxid) < (select age(relfrozenxid) from pg_class where oid = 'ctl'::regclass) from pg_class where oid = 't'::regclass"); got != "true" {
 					t.Fatal("relfrozenxid did not advance past the control's")
@@ -433,8 +436,8 @@ func TestFaithfulRefusals(t *testing.T) {
 		{name: "system catalog", alter: "alter table pg_catalog.pg_description alter column description type varchar", wantErr: "system catalog"},
 		{name: "no usable key", setup: `create table t (id int, v text, n int)`, wantErr: "no usable key"},
 		{name: "inheritance parent", setup: baseTable + `create table t_kid (k int) inherits (t)`,
-			wantErr: "has inheritance children (t_kid); only declarative partitioning is supported"},
-		{name: "inheritance child", bug: "an inheritance child is accepted and swapped; see the report for what the new table loses", setup: `create table t_base (id int primary key, v text, n int);
+			wantErr: `inheritance child "public"."t_kid" has none on (id)`},
+		{name: "inheritance child", setup: `create table t_base (id int primary key, v text, n int);
 			create table t (w int) inherits (t_base); alter table t add primary key (id)`,
 			wantErr: "inherit"},
 		{name: "foreign-table partition", setup: `create foreign data wrapper tat_fdw; create server tat_srv foreign data wrapper tat_fdw;

@@ -73,7 +73,7 @@ create table ctl as select * from m1;`
 	inPlace := newEnv(t)
 	inPlace.exec(schema)
 	inPlace.exec(alter)
-	want := inPlace.dump(t)
+	want := inPlace.snapshot(t)
 	for _, capture := range []string{replicate.CaptureTrigger, replicate.CaptureLogical} {
 		t.Run(capture, func(t *testing.T) {
 			t.Parallel()
@@ -91,7 +91,7 @@ func partialPartition(t *testing.T, schema, alter, capture, want string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := online.dump(t); want != got {
+	if got := online.snapshot(t); want != got {
 		t.Fatalf("online differs from in place:\n%s", diff(want, got))
 	}
 	online.assertSame("m1", "ctl", "id, region, n, v")

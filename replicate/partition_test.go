@@ -168,7 +168,7 @@ create table ctl as select * from m;`
 	if ops.Load() == 0 {
 		t.Fatal("writer wrote nothing")
 	}
-	want, got := inPlace.dump(t), online.dump(t)
+	want, got := inPlace.snapshot(t), online.snapshot(t)
 	if want != got {
 		t.Fatalf("online differs from in place:\n%s", diff(want, got))
 	}

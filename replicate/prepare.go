@@ -52,6 +52,30 @@ type plan struct {
 
 func partShadow(pt partition) string { return shadowName(pt.Name, "__tat_new") }
 
+// inherits: the table is the root of an inheritance tree, whose tables are
+// copied and caught up one by one (each holds its own rows).
+func (p *plan) inherits() bool { return len(p.Partitions) > 0 && p.Partitions[0].Inherit }
+
+// treeTable is one table of an inheritance tree with its shadow: rel 0 is
+// the root, rel i the (i-1)th of plan.Partitions.
+type treeTable struct {
+	OID         uint32
+	Src, Dst    string // ONLY original; shadow (INSERT takes no ONLY: it writes the one table anyway)
+	InsertCols  []string
+	SelectExprs []string
+}
+
+func (m *migration) treeTables() []treeTable {
+	p := m.plan
+	out := []treeTable{{OID: p.TableID, Src: "ONLY " + ident(p.Schema, p.Table), Dst: m.shadowIdent(),
+		InsertCols: p.InsertCols, SelectExprs: p.SelectExprs}}
+	for _, pt := range p.Partitions {
+		out = append(out, treeTable{OID: pt.OID, Src: "ONLY " + ident(pt.Schema, pt.Name), Dst: ident(pt.Schema, partShadow(pt)),
+			InsertCols: pt.InsertCols, SelectExprs: pt.SelectExprs})
+	}
+	return out
+}
+
 // shadowIndex is one index of the shadow, captured after the ALTER ran on it.
 type shadowIndex struct {
 	Schema     string `json:"schema"`     // of the index and its table
@@ -106,6 +130,9 @@ func (m *migration) prepare(ctx context.Context) error {
 		Renames: m.cmd.renames, Partitions: t.Partitions, Parent: t.Parent,
 	}
 	shadow := ident(p.Schema, p.Shadow)
+	if err := m.checkTree(ctx, tx, p); err != nil {
+		return err
+	}
 
 	// Columns, in the original order or the moved one.
 	cols := append([]column(nil), t.Columns...)
@@ -158,8 +185,21 @@ func (m *migration) prepare(ctx context.Context) error {
 	stmts := []string{create}
 	// The partition tree, parents first, each partition with its own bound,
 	// persistence, storage parameters and tablespace.
+	treeCols := map[string]map[string]column{ident(t.Schema, t.Name): columnMap(t.Columns)}
+	// An inheritance child's own column settings, after the root's (which
+	// recurse into the children).
+	var childCols []string
 	for _, pt := range t.Partitions {
 		parent := ident(pt.ParentSchema, shadowName(pt.Parent, "__tat_new"))
+		if pt.Inherit {
+			s, err := m.inheritedShadow(ctx, tx, pt, parent, treeCols)
+			if err != nil {
+				return err
+			}
+			stmts = append(stmts, s[0])
+			childCols = append(childCols, s[1:]...)
+			continue
+		}
 		s := "CREATE "
 		if pt.Persistence == "u" {
 			s += "UNLOGGED "
@@ -191,6 +231,7 @@ func (m *migration) prepare(ctx context.Context) error {
 			stmts = append(stmts, "ALTER TABLE "+col+" SET ("+relOptions(c.Options)+")")
 		}
 	}
+	stmts = append(stmts, childCols...)
 	var rowSec, forceSec bool
 	var replIdent string
 	if err := tx.QueryRow(ctx, `select relrowsecurity, relforcerowsecurity, relreplident::text from pg_class where oid = $1`,
@@ -282,14 +323,17 @@ func (m *migration) prepare(ctx context.Context) error {
 		}
 	}
 	// Indexes that exist on one partition only (not attached to an index of
-	// the parent) are copied to that partition's shadow.
+	// the parent) are copied to that partition's shadow; an inheritance
+	// child's, constraints included, all are its own.
 	for _, pt := range t.Partitions {
-		idx, err := m.q(ctx, tx, `select ic.relname, i.indexrelid::text, pg_get_indexdef(i.indexrelid), coalesce(ts.spcname, '')
+		idx, err := m.q(ctx, tx, `select ic.relname, i.indexrelid::text, pg_get_indexdef(i.indexrelid), coalesce(ts.spcname, ''),
+			coalesce((select pg_get_constraintdef(c.oid) from pg_constraint c where c.conindid = i.indexrelid and c.conrelid = i.indrelid
+			  and c.contype in ('p', 'u', 'x')), '')
 			from pg_index i join pg_class ic on ic.oid = i.indexrelid
 			left join pg_tablespace ts on ts.oid = ic.reltablespace
 			where i.indrelid = $1 and i.indisvalid
 			  and not exists (select 1 from pg_inherits h where h.inhrelid = i.indexrelid)
-			  and not exists (select 1 from pg_constraint c where c.conindid = i.indexrelid)`, pt.OID)
+			  and ($2 or not exists (select 1 from pg_constraint c where c.conindid = i.indexrelid))`, pt.OID, pt.Inherit)
 		if err != nil {
 			return err
 		}
@@ -299,6 +343,9 @@ func (m *migration) prepare(ctx context.Context) error {
 			s, err := retargetIndex(r[2], tmp, pt.Schema, partShadow(pt), r[3])
 			if err != nil {
 				return err
+			}
+			if r[4] != "" {
+				s = "ALTER TABLE " + ident(pt.Schema, partShadow(pt)) + " ADD CONSTRAINT " + qi(tmp) + " " + r[4]
 			}
 			if _, err := m.exec(ctx, tx, s); err != nil {
 				return fmt.Errorf("copy index %s of partition %s: %w", r[0], pt.Name, err)
@@ -496,36 +543,30 @@ func (m *migration) capturePlan(ctx context.Context, tx pgx.Tx, p *plan, origFKs
 // planCopy maps the shadow's columns to expressions over the original.
 func (m *migration) planCopy(ctx context.Context, tx pgx.Tx, p *plan) error {
 	shadow := ident(p.Schema, p.Shadow)
-	rows, err := m.q(ctx, tx, `select attname, (attgenerated <> '')::text from pg_attribute
-		where attrelid = $1::regclass and attnum > 0 and not attisdropped order by attnum`, shadow)
+	src := make([]string, len(m.t.Columns))
+	for i, c := range m.t.Columns {
+		src[i] = c.Name
+	}
+	rows, err := m.copyLists(ctx, tx, shadow, src, &p.InsertCols, &p.SelectExprs)
 	if err != nil {
 		return err
 	}
-	src := map[string]bool{}
-	for _, c := range m.t.Columns {
-		src[m.cmd.RenamedTo(c.Name)] = true
-	}
-	back := map[string]string{}
-	for o, n := range m.cmd.renames {
-		back[n] = o
-	}
-	for _, r := range rows {
-		name, generated := r[0], r[1] == "true"
-		if generated || !src[name] {
-			continue // recomputed, or new: its default applies
+	// An inheritance child has columns of its own.
+	for i, pt := range p.Partitions {
+		if !pt.Inherit {
+			continue
 		}
-		orig := name
-		if o, ok := back[name]; ok {
-			orig = o
-		}
-		expr := "t." + qi(orig)
-		if u, ok, err := m.cmd.UsingExpr(orig); err != nil {
+		names, err := m.q(ctx, tx, `select attname from pg_attribute where attrelid = $1 and attnum > 0 and not attisdropped order by attnum`, pt.OID)
+		if err != nil {
 			return err
-		} else if ok {
-			expr = "(" + u + ")"
 		}
-		p.InsertCols = append(p.InsertCols, qi(name))
-		p.SelectExprs = append(p.SelectExprs, expr)
+		src := make([]string, len(names))
+		for j, n := range names {
+			src[j] = n[0]
+		}
+		if _, err := m.copyLists(ctx, tx, ident(pt.Schema, partShadow(pt)), src, &p.Partitions[i].InsertCols, &p.Partitions[i].SelectExprs); err != nil {
+			return err
+		}
 	}
 	for _, k := range p.Key {
 		nk := m.cmd.RenamedTo(k)
@@ -592,6 +633,44 @@ func (m *migration) partIndexes(ctx context.Context, tx pgx.Tx, oid, contype str
 		parts = append(parts, pi)
 	}
 	return parts, nil
+}
+
+// copyLists appends to ins and sel the shadow's columns and the expressions
+// over the original (columns src) that fill them; it returns the shadow's
+// columns as (name, generated) rows.
+func (m *migration) copyLists(ctx context.Context, tx pgx.Tx, shadow string, srcCols []string, ins, sel *[]string) ([][]string, error) {
+	rows, err := m.q(ctx, tx, `select attname, (attgenerated <> '')::text from pg_attribute
+		where attrelid = $1::regclass and attnum > 0 and not attisdropped order by attnum`, shadow)
+	if err != nil {
+		return nil, err
+	}
+	src := map[string]bool{}
+	for _, c := range srcCols {
+		src[m.cmd.RenamedTo(c)] = true
+	}
+	back := map[string]string{}
+	for o, n := range m.cmd.renames {
+		back[n] = o
+	}
+	for _, r := range rows {
+		name, generated := r[0], r[1] == "true"
+		if generated || !src[name] {
+			continue // recomputed, or new: its default applies
+		}
+		orig := name
+		if o, ok := back[name]; ok {
+			orig = o
+		}
+		expr := "t." + qi(orig)
+		if u, ok, err := m.cmd.UsingExpr(orig); err != nil {
+			return nil, err
+		} else if ok {
+			expr = "(" + u + ")"
+		}
+		*ins = append(*ins, qi(name))
+		*sel = append(*sel, expr)
+	}
+	return rows, nil
 }
 
 // retargetIndex rewrites an index definition to a new name, table and
@@ -664,7 +743,7 @@ func createState(ctx context.Context, m *migration, tx pgx.Tx, p *plan) error {
 	keyTypes := make([]string, len(p.KeyTypes))
 	copy(keyTypes, p.KeyTypes)
 	if _, err := m.exec(ctx, tx, "CREATE TABLE "+st+` (range_id int PRIMARY KEY, lo text[], hi text[], last text[],
-		rows bigint NOT NULL DEFAULT 0, done boolean NOT NULL DEFAULT false)`); err != nil {
+		rows bigint NOT NULL DEFAULT 0, done boolean NOT NULL DEFAULT false, rel int NOT NULL DEFAULT 0)`); err != nil {
 		return fmt.Errorf("create state table: %w", err)
 	}
 	js, err := json.Marshal(p)
@@ -806,7 +885,7 @@ func (m *migration) checkInherited(ctx context.Context, tx pgx.Tx, p *plan) erro
 		return fmt.Errorf("compare with parent: %w", err)
 	}
 	if len(rows) > 0 {
-		return fmt.Errorf("%w: the command changes column %s, which %s inherits from %s; alter %[3]s instead",
+		return fmt.Errorf("%w: the command changes column %s, which %s inherits from %s; alter %[4]s instead",
 			ErrBadCommand, rows[0][0], m.tableRef(), p.Parent.ident())
 	}
 	if p.Parent.Bound == "" {
@@ -821,6 +900,106 @@ func (m *migration) checkInherited(ctx context.Context, tx pgx.Tx, p *plan) erro
 	if len(rows) > 0 {
 		return fmt.Errorf("%w: the command adds column %s, which partition %s cannot have unless %s has it",
 			ErrBadCommand, rows[0][0], m.tableRef(), p.Parent.ident())
+	}
+	return nil
+}
+
+func columnMap(cols []column) map[string]column {
+	m := make(map[string]column, len(cols))
+	for _, c := range cols {
+		m[c.Name] = c
+	}
+	return m
+}
+
+// inheritedShadow creates the shadow of an inheritance child as a child of
+// its parent's shadow, so that the ALTER on the root's shadow recurses into
+// it as it does in place: its own columns declared, the inherited ones
+// taken from the parent, with the child's own default, NOT NULL and column
+// options where they differ from the parent's.
+func (m *migration) inheritedShadow(ctx context.Context, tx pgx.Tx, pt partition, parent string, treeCols map[string]map[string]column) ([]string, error) {
+	cols, err := loadColumns(ctx, tx, pt.OID, pt.Schema, pt.Name)
+	if err != nil {
+		return nil, fmt.Errorf("read columns of %s: %w", pt.Name, err)
+	}
+	treeCols[ident(pt.Schema, pt.Name)] = columnMap(cols)
+	pcols := treeCols[ident(pt.ParentSchema, pt.Parent)]
+	shadow := ident(pt.Schema, partShadow(pt))
+	var defs, after []string
+	for _, c := range cols {
+		pc, inherited := pcols[c.Name]
+		if !inherited {
+			defs = append(defs, columnDDL(c))
+			continue
+		}
+		col := "ALTER TABLE ONLY " + shadow + " ALTER COLUMN " + qi(c.Name)
+		if c.Default != pc.Default && c.Generated == "" {
+			if c.Default == "" {
+				after = append(after, col+" DROP DEFAULT")
+			} else {
+				after = append(after, col+" SET DEFAULT "+c.Default)
+			}
+		}
+		if c.NotNull && !pc.NotNull {
+			after = append(after, col+" SET NOT NULL")
+		}
+		if c.Storage != pc.Storage && c.Storage != "" {
+			after = append(after, col+" SET STORAGE "+c.Storage)
+		}
+		if c.StatTgt != pc.StatTgt && c.StatTgt >= 0 {
+			after = append(after, fmt.Sprintf("%s SET STATISTICS %d", col, c.StatTgt))
+		}
+	}
+	s := "CREATE "
+	if pt.Persistence == "u" {
+		s += "UNLOGGED "
+	}
+	s += "TABLE " + shadow + " (" + strings.Join(defs, ", ") + ") INHERITS (" + parent + ")"
+	if len(pt.RelOptions) > 0 {
+		s += " WITH (" + relOptions(pt.RelOptions) + ")"
+	}
+	if pt.Tablespace != "" {
+		s += " TABLESPACE " + qi(pt.Tablespace)
+	}
+	return append([]string{s}, after...), nil
+}
+
+// checkTree refuses a partition or inheritance tree with what the switch
+// would not carry over to the new tables below the root: their own
+// triggers, rules, policies, foreign keys, publications and dependent
+// views (the root's are re-created; the partitions' clones come with the
+// root's), and what inheritance trees do not support yet.
+func (m *migration) checkTree(ctx context.Context, tx pgx.Tx, p *plan) error {
+	if len(p.Partitions) == 0 {
+		return nil
+	}
+	if p.Partitions[0].Inherit {
+		switch {
+		case m.opts.Capture == CaptureLogical:
+			return fmt.Errorf("%w: inheritance trees are not supported with logical capture; use capture 'trigger'", ErrBadCommand)
+		case m.opts.Verify:
+			return fmt.Errorf("%w: verify is not supported for inheritance trees", ErrBadCommand)
+		}
+	}
+	oids := oidsOf(p.Partitions)
+	rows, err := m.q(ctx, tx, `select x.what || ' ' || x.name || ' on ' || x.rel::regclass::text from (
+		select 'trigger' what, tgname::text name, tgrelid rel from pg_trigger
+		  where tgrelid = any($1::oid[]) and not tgisinternal and tgparentid = 0 and tgname not in ($2, $3)
+		union all select 'rule', rulename::text, ev_class from pg_rewrite where ev_class = any($1::oid[]) and rulename <> '_RETURN'
+		union all select 'policy', polname::text, polrelid from pg_policy where polrelid = any($1::oid[])
+		union all select 'foreign key', conname::text, conrelid from pg_constraint
+		  where contype = 'f' and conparentid = 0 and (conrelid = any($1::oid[]) or confrelid = any($1::oid[]))
+		union all select 'publication', p.pubname::text, r.prrelid from pg_publication_rel r join pg_publication p on p.oid = r.prpubid
+		  where r.prrelid = any($1::oid[])
+		union all select distinct 'view', v.oid::regclass::text, d.refobjid from pg_depend d join pg_rewrite w on w.oid = d.objid
+		  join pg_class v on v.oid = w.ev_class where d.classid = 'pg_rewrite'::regclass and d.refclassid = 'pg_class'::regclass
+		  and d.refobjid = any($1::oid[]) and v.oid <> d.refobjid) x order by 1 limit 1`, oids, triggerName, truncTriggerName)
+	if err != nil {
+		return fmt.Errorf("check the tables of the tree: %w", err)
+	}
+	if len(rows) > 0 {
+		return fmt.Errorf("%w: %s: objects on a partition or child table are not carried over to the new table; "+
+			"move them to %s or drop them first", ErrBadCommand, rows[0][0], m.tableRef())
 	}
 	return nil
 }

@@ -194,7 +194,9 @@ func (m *migration) blameDDL(ctx context.Context, err error) error {
 		if _, err := tx.Exec(ctx, catalogPath); err != nil {
 			return err
 		}
-		return tx.QueryRow(ctx, qFingerprint, m.plan.TableID).Scan(&fp)
+		var err error
+		fp, err = treeFingerprint(ctx, tx, m.plan.TableID, m.plan.Partitions)
+		return err
 	})
 	if qerr != nil || fp == m.plan.Fingerprint {
 		return err

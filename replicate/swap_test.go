@@ -142,6 +142,17 @@ func TestSwapKeepsEverything(t *testing.T) {
 	e.assertNoLeftovers("orders")
 }
 
+// snapshot is the schema of the whole database for comparing two databases:
+// pg_dump -s when a pg_dump for the server is installed, else the catalog
+// snapshot (servers newer than Debian's client).
+func (e *env) snapshot(t *testing.T) string {
+	t.Helper()
+	if p, _ := testpg.LookPgDump(t, e.url); p == "" {
+		return testpg.Schema(t, e.pool)
+	}
+	return e.dump(t)
+}
+
 func (e *env) dump(t *testing.T) string {
 	t.Helper()
 	out, err := exec.Command(testpg.PgDump(t, e.url), "-s", "-d", e.url).CombinedOutput()

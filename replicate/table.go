@@ -77,6 +77,11 @@ type partition struct {
 	Persistence  string   `json:"persistence"`
 	Tablespace   string   `json:"tablespace"`
 	RelOptions   []string `json:"reloptions"`
+	// Inherit: an inheritance child (no Bound). Its own columns and its
+	// copy lists differ from the root's.
+	Inherit     bool     `json:"inherit,omitempty"`
+	InsertCols  []string `json:"insert_cols,omitempty"`
+	SelectExprs []string `json:"select_exprs,omitempty"`
 }
 
 // qPartitions lists the partition tree below $1, parents before children.
@@ -239,30 +244,11 @@ func loadTable(ctx context.Context, conn pgx.Tx, schema, name string) (*table, e
 	if err := loadPartitions(ctx, conn, t, rel); err != nil {
 		return nil, err
 	}
-	var ver int
-	if err := conn.QueryRow(ctx, "select current_setting('server_version_num')::int").Scan(&ver); err != nil {
-		return nil, err
-	}
-	qCols := qColumns
-	if ver < 140000 {
-		qCols = strings.Replace(qCols, qColCompression, "''", 1)
-	}
-	rows, err := conn.Query(ctx, qCols, oid, t.Schema, t.Name)
+	cols, err := loadColumns(ctx, conn, oid, t.Schema, t.Name)
 	if err != nil {
 		return nil, fmt.Errorf("read columns of %s: %w", rel, err)
 	}
-	for rows.Next() {
-		var c column
-		if err := rows.Scan(&c.Num, &c.Name, &c.Type, &c.Collation, &c.NotNull, &c.Default, &c.Generated,
-			&c.Identity, &c.IdentOpts, &c.Storage, &c.Compress, &c.StatTgt, &c.Options, &c.NotNullName); err != nil {
-			rows.Close()
-			return nil, fmt.Errorf("read columns of %s: %w", rel, err)
-		}
-		t.Columns = append(t.Columns, c)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("read columns of %s: %w", rel, err)
-	}
+	t.Columns = cols
 	err = conn.QueryRow(ctx, qKey, oid).Scan(&t.Key, &t.KeyTypes)
 	if errors.Is(err, pgx.ErrNoRows) || len(t.Key) == 0 {
 		return nil, fmt.Errorf("%s: %w", rel, ErrNoKey)
@@ -270,8 +256,18 @@ func loadTable(ctx context.Context, conn pgx.Tx, schema, name string) (*table, e
 	if err != nil {
 		return nil, fmt.Errorf("find key of %s: %w", rel, err)
 	}
-	if err := conn.QueryRow(ctx, qFingerprint, oid).Scan(&t.Fingerprint); err != nil {
+	if err := checkInheritedKeys(ctx, conn, t); err != nil {
+		return nil, err
+	}
+	if t.Fingerprint, err = treeFingerprint(ctx, conn, t.OID, t.Partitions); err != nil {
 		return nil, fmt.Errorf("fingerprint %s: %w", rel, err)
+	}
+	if t.inherits() {
+		err := conn.QueryRow(ctx, `select coalesce(sum(greatest(reltuples, 0)), 0)::bigint from pg_class
+			where oid = $1 or oid = any($2::oid[])`, t.OID, t.partitionOIDs()).Scan(&t.EstRows)
+		if err != nil {
+			return nil, fmt.Errorf("estimate rows of %s: %w", rel, err)
+		}
 	}
 	if _, err := conn.Exec(ctx, "reset search_path"); err != nil {
 		return nil, err
@@ -295,6 +291,60 @@ select md5(concat_ws('|',
   (select string_agg(x, ',' order by x) from (select c.conname || ' ' || pg_get_constraintdef(c.oid)
      from pg_constraint c where c.conrelid = $1) c(x)),
   (select relpersistence::text || reltablespace::text || coalesce(reloptions::text, '') from pg_class where oid = $1)))`
+
+// loadColumns reads a table's columns (qColumns).
+func loadColumns(ctx context.Context, conn querier, oid uint32, schema, name string) ([]column, error) {
+	var ver int
+	if err := conn.QueryRow(ctx, "select current_setting('server_version_num')::int").Scan(&ver); err != nil {
+		return nil, err
+	}
+	qCols := qColumns
+	if ver < 140000 {
+		qCols = strings.Replace(qCols, qColCompression, "''", 1)
+	}
+	rows, err := conn.Query(ctx, qCols, oid, schema, name)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var cols []column
+	for rows.Next() {
+		var c column
+		if err := rows.Scan(&c.Num, &c.Name, &c.Type, &c.Collation, &c.NotNull, &c.Default, &c.Generated,
+			&c.Identity, &c.IdentOpts, &c.Storage, &c.Compress, &c.StatTgt, &c.Options, &c.NotNullName); err != nil {
+			return nil, err
+		}
+		cols = append(cols, c)
+	}
+	return cols, rows.Err()
+}
+
+// treeFingerprint is qFingerprint of the table and of every table of its
+// partition or inheritance tree: DDL on any of them fails the switch.
+func treeFingerprint(ctx context.Context, q querier, root uint32, parts []partition) (string, error) {
+	var fps []string
+	for _, oid := range append([]uint32{root}, oidsOf(parts)...) {
+		var fp string
+		if err := q.QueryRow(ctx, qFingerprint, oid).Scan(&fp); err != nil {
+			return "", err
+		}
+		fps = append(fps, fp)
+	}
+	if len(fps) == 1 {
+		return fps[0], nil
+	}
+	return strings.Join(fps, ","), nil
+}
+
+func oidsOf(parts []partition) []uint32 {
+	oids := make([]uint32, len(parts))
+	for i, p := range parts {
+		oids[i] = p.OID
+	}
+	return oids
+}
+
+func (t *table) partitionOIDs() []uint32 { return oidsOf(t.Partitions) }
 
 // columnDDL renders one column for CREATE TABLE.
 func columnDDL(c column) string {
@@ -393,6 +443,60 @@ func loadParent(ctx context.Context, conn pgx.Tx, t *table, rel string, isPartit
 	return nil
 }
 
+// checkInheritanceTree refuses inheritance trees the engine cannot migrate:
+// a child with several parents, a tree that is also a child (partial mode
+// is for leaves), a child without a key on the root's key columns (its delta
+// apply and copy go by that key).
+func checkInheritanceTree(ctx context.Context, conn pgx.Tx, t *table, rel string) error {
+	var children []uint32
+	for _, p := range t.Partitions {
+		if p.Inherit {
+			children = append(children, p.OID)
+		}
+	}
+	if len(children) == 0 {
+		return nil
+	}
+	if t.Parent != nil {
+		return fmt.Errorf("%s is an inheritance child with children of its own: alter the root of its tree", rel)
+	}
+	var multi string
+	if err := conn.QueryRow(ctx, `select coalesce(min(inhrelid::regclass::text), '') from pg_inherits
+		where inhrelid = any($1::oid[]) group by inhrelid having count(*) > 1 limit 1`, children).Scan(&multi); err != nil && !errors.Is(err, pgx.ErrNoRows) {
+		return fmt.Errorf("read inheritance of %s: %w", rel, err)
+	}
+	if multi != "" {
+		return fmt.Errorf("%s has an inheritance child with several parents (%s), which cannot be migrated with it", rel, multi)
+	}
+	return nil
+}
+
+// checkInheritedKeys: every child of an inheritance tree needs a key on the
+// root's key columns.
+func checkInheritedKeys(ctx context.Context, conn pgx.Tx, t *table) error {
+	for _, p := range t.Partitions {
+		if !p.Inherit {
+			continue
+		}
+		var key []string
+		var types []string
+		err := conn.QueryRow(ctx, qKey, p.OID).Scan(&key, &types)
+		if err != nil && !errors.Is(err, pgx.ErrNoRows) {
+			return fmt.Errorf("find key of %s: %w", ident(p.Schema, p.Name), err)
+		}
+		if strings.Join(key, "\x00") != strings.Join(t.Key, "\x00") {
+			return fmt.Errorf("%w: inheritance child %s has none on (%s), the key of %s",
+				ErrNoKey, ident(p.Schema, p.Name), strings.Join(t.Key, ", "), t.ident())
+		}
+	}
+	return nil
+}
+
+// inherits reports whether the table is the root of an inheritance tree.
+func (t *table) inherits() bool {
+	return len(t.Partitions) > 0 && t.Partitions[0].Inherit
+}
+
 // loadPartitions reads a partitioned table's tree and refuses what cannot
 // be swapped faithfully: temporary tables, system schemas, a partition on
 // its own, inheritance (non-partition) children, foreign-table partitions.
@@ -426,8 +530,15 @@ func loadPartitions(ctx context.Context, conn pgx.Tx, t *table, rel string) erro
 			&p.Persistence, &p.Tablespace, &p.RelOptions, &isPart); err != nil {
 			return fmt.Errorf("read partitions of %s: %w", rel, err)
 		}
-		if !isPart || bound == nil {
-			return fmt.Errorf("%s has inheritance children (%s): an inheritance parent is not supported (alter each child on its own, or use declarative partitioning)", rel, p.Name)
+		if kind == "f" && !isPart {
+			return fmt.Errorf("%s has a foreign-table inheritance child (%s), which cannot be copied", rel, p.Name)
+		}
+		if !isPart {
+			// An inheritance child: migrated with the tree, its shadow a
+			// child of its parent's shadow (see plan.inherits).
+			p.Inherit = true
+			t.Partitions = append(t.Partitions, p)
+			continue
 		}
 		if kind == "f" {
 			// Leaving it in place and attaching it to the new tree would be
@@ -440,6 +551,10 @@ func loadPartitions(ctx context.Context, conn pgx.Tx, t *table, rel string) erro
 		t.Partitions = append(t.Partitions, p)
 	}
 	if err := rows.Err(); err != nil {
+		return err
+	}
+	rows.Close()
+	if err := checkInheritanceTree(ctx, conn, t, rel); err != nil {
 		return err
 	}
 	if t.Kind == "p" {

@@ -210,7 +210,9 @@ select format('constraint %I on %s: %s', con.conname,
   case when con.condeferrable then 'deferrable' end,
   case when con.condeferred then 'initially deferred' end,
   case when not con.convalidated then 'not validated' end,
-  case when con.connoinherit then 'no inherit' end,
+  -- meaningless for a PRIMARY KEY or UNIQUE, and true when a partition's
+  -- was attached rather than created through its parent (as pg_dump restores)
+  case when con.connoinherit and con.contype not in ('p', 'u') then 'no inherit' end,
   case when con.coninhcount > 0 then format('inherited %s local %s', con.coninhcount, con.conislocal) end,
   'comment ' || quote_literal(obj_description(con.oid, 'pg_constraint'))))
 from pg_constraint con

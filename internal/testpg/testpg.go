@@ -107,6 +107,18 @@ func ClientBinDir() []string {
 // skips the test when there is none.
 func PgDump(t testing.TB, url string) string {
 	t.Helper()
+	p, seen := LookPgDump(t, url)
+	if p == "" {
+		t.Skipf("testpg: no pg_dump of major >= %d to dump this server (found %v); set PG_CLIENT_BIN to its bin directory",
+			ServerVersionNum(t, url)/10000, seen)
+	}
+	return p
+}
+
+// LookPgDump is PgDump without the skip: "" (and the pg_dumps it saw) when
+// there is none.
+func LookPgDump(t testing.TB, url string) (string, []string) {
+	t.Helper()
 	server := ServerVersionNum(t, url) / 10000
 	var seen []string
 	for _, d := range ClientBinDir() {
@@ -122,12 +134,11 @@ func PgDump(t testing.TB, url string) string {
 		}
 		major, _ := strconv.Atoi(strings.SplitN(f[2], ".", 2)[0])
 		if major >= server {
-			return p
+			return p, nil
 		}
 		seen = append(seen, fmt.Sprintf("%s (%d)", p, major))
 	}
-	t.Skipf("testpg: no pg_dump of major >= %d to dump this server (found %v); set PG_CLIENT_BIN to its bin directory", server, seen)
-	return ""
+	return "", seen
 }
 
 var (
