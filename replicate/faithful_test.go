@@ -72,7 +72,7 @@ func faithCases() []faithCase {
 			code int generated always as identity, s serial); create index t_n on t (n)`},
 		{name: "tablespaces", setup: `create table t (id int primary key, v text, n int) tablespace TS_1;
 			create index t_v on t (v) tablespace TS_2; create index t_n on t (n); create index t_n_ts on t (n, id) tablespace TS_1`},
-		{name: "tablespace and options of constraint indexes", bug: "the index of a PRIMARY KEY or UNIQUE constraint loses its tablespace (USING INDEX TABLESPACE) and its storage parameters (WITH (fillfactor = ...))",
+		{name: "tablespace and options of constraint indexes",
 			setup: `create table t (id int, v text, n int, constraint t_pkey primary key (id) with (fillfactor = 90) using index tablespace TS_1,
 				constraint t_v_uniq unique (v, id) using index tablespace TS_2)`},
 		{name: "access method", setup: `create access method heap2 type table handler heap_tableam_handler;
@@ -169,7 +169,7 @@ func faithCases() []faithCase {
 					t.Fatalf("%s rows with a stale generated column", got)
 				}
 			}},
-		{name: "generated virtual", min: 180000, bug: "a VIRTUAL generated column (18+) comes back STORED", setup: `create table t (id int primary key, v text, n int,
+		{name: "generated virtual", min: 180000, setup: `create table t (id int primary key, v text, n int,
 			g text generated always as (v || id::text) virtual)`},
 		{name: "collations", setup: `create collation t_coll from "C";
 			create table t (id int primary key, v text, n int, c text collate "C", d varchar(20) collate t_coll, e text collate "POSIX");
@@ -187,7 +187,7 @@ func faithCases() []faithCase {
 			d2 timestamptz default now(), d3 text default 'a' || 'b', d4 bigint default nextval('t_free_seq'))`},
 		{name: "primary key", setup: `create table t (id int, v text, n int, constraint t_key primary key (id));
 			comment on index t_key is 'the key'`},
-		{name: "primary key with include", bug: `a PRIMARY KEY with INCLUDE columns is "no usable key": qKey checks NOT NULL on the INCLUDE columns too`,
+		{name: "primary key with include",
 			setup: `create table t (id int, v text, n int, constraint t_key primary key (id) include (v))`},
 		{name: "unique deferrable", setup: `create table t (id int primary key, v text, n int, u int,
 			constraint t_u unique (u) deferrable initially deferred, constraint t_vid unique (v, id) deferrable)`,

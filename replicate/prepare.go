@@ -264,7 +264,7 @@ func (m *migration) prepare(ctx context.Context) error {
 	// (index names are unique per schema), so the ALTER sees them.
 	idx, err := m.q(ctx, tx, `select ic.relname, i.indexrelid::text, pg_get_indexdef(i.indexrelid),
 		coalesce(ts.spcname, ''), coalesce(con.contype::text, ''), coalesce(pg_get_constraintdef(con.oid), ''),
-		i.indisvalid::text, i.indisclustered::text
+		i.indisvalid::text, i.indisclustered::text, coalesce(con.condeferrable, false)::text, coalesce(con.condeferred, false)::text
 		from pg_index i join pg_class ic on ic.oid = i.indexrelid
 		left join pg_tablespace ts on ts.oid = ic.reltablespace
 		left join pg_constraint con on con.conindid = i.indexrelid and con.conrelid = i.indrelid and con.contype in ('p','u','x')
@@ -280,17 +280,30 @@ func (m *migration) prepare(ctx context.Context) error {
 		}
 		tmp := truncName(name, 63-len("_tat")-len(oid)) + "_tat" + oid
 		p.IndexMap[name] = tmp
-		var s string
-		if contype != "" {
-			s = "ALTER TABLE " + shadow + " ADD CONSTRAINT " + qi(tmp) + " " + condef
-		} else {
-			s, err = retargetIndex(def, tmp, p.Schema, p.Shadow, ts)
+		var stmts []string
+		switch {
+		case (contype == "p" || contype == "u") && t.Kind != "p":
+			// The index first, then the constraint on it: pg_get_constraintdef
+			// leaves out the index's storage parameters and tablespace.
+			s, err := retargetIndex(def, tmp, p.Schema, p.Shadow, ts)
 			if err != nil {
 				return err
 			}
+			stmts = append(stmts, s, "ALTER TABLE "+shadow+" ADD CONSTRAINT "+qi(tmp)+" "+
+				map[string]string{"p": "PRIMARY KEY", "u": "UNIQUE"}[contype]+" USING INDEX "+qi(tmp)+deferral(r[8] == "true", r[9] == "true"))
+		case contype != "":
+			stmts = append(stmts, "ALTER TABLE "+shadow+" ADD CONSTRAINT "+qi(tmp)+" "+condef)
+		default:
+			s, err := retargetIndex(def, tmp, p.Schema, p.Shadow, ts)
+			if err != nil {
+				return err
+			}
+			stmts = append(stmts, s)
 		}
-		if _, err := m.exec(ctx, tx, s); err != nil {
-			return fmt.Errorf("copy index %s to shadow: %w", name, err)
+		for _, s := range stmts {
+			if _, err := m.exec(ctx, tx, s); err != nil {
+				return fmt.Errorf("copy index %s to shadow: %w", name, err)
+			}
 		}
 		if r[7] == "true" {
 			if _, err := m.exec(ctx, tx, "ALTER TABLE "+shadow+" CLUSTER ON "+qi(tmp)); err != nil {
@@ -498,13 +511,7 @@ func (m *migration) capturePlan(ctx context.Context, tx pgx.Tx, p *plan, origFKs
 			if contype == "u" {
 				kind = "UNIQUE"
 			}
-			si.Constraint = "ALTER TABLE " + on + " ADD CONSTRAINT " + qi(conname) + " " + kind + " USING INDEX " + qi(name)
-			if r[8] == "true" {
-				si.Constraint += " DEFERRABLE"
-				if r[9] == "true" {
-					si.Constraint += " INITIALLY DEFERRED"
-				}
-			}
+			si.Constraint = "ALTER TABLE " + on + " ADD CONSTRAINT " + qi(conname) + " " + kind + " USING INDEX " + qi(name) + deferral(r[8] == "true", r[9] == "true")
 			drops = append(drops, "ALTER TABLE "+on+" DROP CONSTRAINT "+qi(conname))
 		case contype == "x":
 			si.Exclusion = true
@@ -620,13 +627,7 @@ func (m *migration) partIndexes(ctx context.Context, tx pgx.Tx, oid, contype str
 			if contype == "u" {
 				kind = "UNIQUE"
 			}
-			pi.Constraint = "ALTER TABLE " + on + " ADD CONSTRAINT " + qi(pi.Name) + " " + kind + " USING INDEX " + qi(pi.Name)
-			if deferrable {
-				pi.Constraint += " DEFERRABLE"
-				if deferred {
-					pi.Constraint += " INITIALLY DEFERRED"
-				}
-			}
+			pi.Constraint = "ALTER TABLE " + on + " ADD CONSTRAINT " + qi(pi.Name) + " " + kind + " USING INDEX " + qi(pi.Name) + deferral(deferrable, deferred)
 		default:
 			pi.Constraint = "ALTER TABLE ONLY " + on + " ADD CONSTRAINT " + qi(pi.Name) + " " + r[9]
 		}
@@ -1002,4 +1003,15 @@ func (m *migration) checkTree(ctx context.Context, tx pgx.Tx, p *plan) error {
 			"move them to %s or drop them first", ErrBadCommand, rows[0][0], m.tableRef())
 	}
 	return nil
+}
+
+// deferral renders a constraint's DEFERRABLE clause.
+func deferral(deferrable, deferred bool) string {
+	switch {
+	case deferred:
+		return " DEFERRABLE INITIALLY DEFERRED"
+	case deferrable:
+		return " DEFERRABLE"
+	}
+	return ""
 }

@@ -107,7 +107,8 @@ type column struct {
 	NotNull     bool
 	NotNullName string // name of its NOT NULL constraint (PostgreSQL 18+)
 	Default     string
-	Generated   string // stored generation expression
+	Generated   string // generation expression
+	Virtual     bool   // a VIRTUAL generated column (PostgreSQL 18+), else STORED
 	Identity    string // a (always), d (by default), empty
 	IdentOpts   string
 	Storage     string // SET STORAGE value when not the type's default
@@ -190,7 +191,8 @@ select a.attnum, a.attname, format_type(a.atttypid, a.atttypmod),
        coalesce(a.attstattarget, -1)::int,
        coalesce(a.attoptions, '{}'),
        coalesce((select nn.conname from pg_constraint nn where nn.conrelid = a.attrelid and nn.contype = 'n'
-                   and nn.conkey[1] = a.attnum and nn.convalidated), '')
+                   and nn.conkey[1] = a.attnum and nn.convalidated), ''),
+       a.attgenerated = 'v'
 from pg_attribute a
 join pg_type t on t.oid = a.atttypid
 left join pg_attrdef d on d.adrelid = a.attrelid and d.adnum = a.attnum
@@ -208,7 +210,7 @@ from (
   from pg_index i
   where i.indrelid = $1 and i.indisunique and i.indisvalid and i.indimmediate
     and i.indpred is null and i.indexprs is null
-    and not exists (select 1 from unnest(i.indkey) k(n) join pg_attribute a
+    and not exists (select 1 from unnest(i.indkey[0:i.indnkeyatts - 1]) k(n) join pg_attribute a
                     on a.attrelid = i.indrelid and a.attnum = k.n where not a.attnotnull or ` + qNotNullInvalid + `)
   order by i.indisprimary desc, i.indnatts, i.indexrelid
   limit 1) i,
@@ -311,7 +313,7 @@ func loadColumns(ctx context.Context, conn querier, oid uint32, schema, name str
 	for rows.Next() {
 		var c column
 		if err := rows.Scan(&c.Num, &c.Name, &c.Type, &c.Collation, &c.NotNull, &c.Default, &c.Generated,
-			&c.Identity, &c.IdentOpts, &c.Storage, &c.Compress, &c.StatTgt, &c.Options, &c.NotNullName); err != nil {
+			&c.Identity, &c.IdentOpts, &c.Storage, &c.Compress, &c.StatTgt, &c.Options, &c.NotNullName, &c.Virtual); err != nil {
 			return nil, err
 		}
 		cols = append(cols, c)
@@ -357,7 +359,11 @@ func columnDDL(c column) string {
 	}
 	switch {
 	case c.Generated != "":
-		b.WriteString(" GENERATED ALWAYS AS (" + c.Generated + ") STORED")
+		if c.Virtual {
+			b.WriteString(" GENERATED ALWAYS AS (" + c.Generated + ") VIRTUAL")
+		} else {
+			b.WriteString(" GENERATED ALWAYS AS (" + c.Generated + ") STORED")
+		}
 	case c.Identity == "a":
 		b.WriteString(" GENERATED ALWAYS AS IDENTITY (" + c.IdentOpts + ")")
 	case c.Identity == "d":
