@@ -16,6 +16,10 @@ type dependents struct {
 	after    []string // run after the rename
 	validate []string // VALIDATE CONSTRAINT, after commit
 	identity []identitySeq
+
+	ver        int             // server_version_num
+	restore    string          // SET LOCAL ROLE back to the transaction's role after acting as a grantor
+	canGrantAs map[string]bool // grantor -> the session may act as it (cache)
 }
 
 type identitySeq struct {
@@ -27,10 +31,20 @@ type identitySeq struct {
 // readDependents reads every dependent of the original. tx runs with
 // search_path = pg_catalog, so all definitions are schema-qualified.
 func (m *migration) readDependents(ctx context.Context, tx pgx.Tx) (*dependents, error) {
-	d := &dependents{}
+	d := &dependents{canGrantAs: map[string]bool{}}
 	p := m.plan
 	oid := p.TableID
 	tbl := ident(p.Schema, p.Table)
+	var role string
+	if err := tx.QueryRow(ctx, "select current_setting('server_version_num')::int, current_setting('role')").Scan(&d.ver, &role); err != nil {
+		return nil, err
+	}
+	// SET LOCAL ROLE, not RESET ROLE: RESET would also drop a role the
+	// session had set for itself, beyond this transaction.
+	d.restore = "SET LOCAL ROLE NONE"
+	if role != "none" {
+		d.restore = "SET LOCAL ROLE " + qi(role)
+	}
 	steps := []func(context.Context, pgx.Tx, *dependents) error{
 		m.depViewsAndFunctions, m.depInboundFKs, m.depSequences,
 	}
@@ -39,86 +53,40 @@ func (m *migration) readDependents(ctx context.Context, tx pgx.Tx) (*dependents,
 			return nil, err
 		}
 	}
+	// What the new table will have once the shadow's constraints are back:
+	// a property of a column or a constraint the ALTER dropped is not carried.
+	shadowCols, err := m.nameSet(ctx, tx, `select attname from pg_attribute where attrelid = $1::regclass and attnum > 0 and not attisdropped`, m.shadowIdent())
+	if err != nil {
+		return nil, err
+	}
+	newCol := func(c string) (string, bool) {
+		n := p.renamedTo(c)
+		return n, shadowCols[n]
+	}
 	// After the rename: the table's own properties.
 	owner := m.t.Owner
 	d.after = append(d.after, "ALTER TABLE "+tbl+" OWNER TO "+qi(owner))
-	acl, err := m.q(ctx, tx, `select coalesce(relacl::text, '') from pg_class where oid = $1`, oid)
+	g, err := m.relGrants(ctx, tx, d, oid, "TABLE", tbl, p.Schema, owner, newCol)
 	if err != nil {
 		return nil, err
 	}
-	if acl[0][0] != "" {
-		g, err := m.grants(ctx, tx, "TABLE", tbl, owner, `select case when grantee = 0 then 'PUBLIC' else quote_ident(pg_get_userbyid(grantee)) end, privilege_type, is_grantable::text
-			from aclexplode((select relacl from pg_class where oid = $1))`, oid)
-		if err != nil {
-			return nil, err
-		}
-		d.after = append(d.after, g...)
-	}
-	cols, err := m.q(ctx, tx, `select attname from pg_attribute where attrelid = $1 and attnum > 0 and not attisdropped and attacl is not null`, oid)
-	if err != nil {
-		return nil, err
-	}
-	for _, c := range cols {
-		nc := p.renamedTo(c[0])
-		rows, err := m.q(ctx, tx, `select case when e.grantee = 0 then 'PUBLIC' else quote_ident(pg_get_userbyid(e.grantee)) end, e.privilege_type, e.is_grantable::text
-			from pg_attribute a, aclexplode(a.attacl) e where a.attrelid = $1 and a.attname = $2`, oid, c[0])
-		if err != nil {
-			return nil, err
-		}
-		for _, r := range rows {
-			d.after = append(d.after, grantStmt(r[1]+" ("+qi(nc)+")", "TABLE", tbl, r[0], r[2] == "true"))
-		}
-	}
+	d.after = append(d.after, g...)
 	// Partitions: owner, grants and comments of each.
 	for _, pt := range p.Partitions {
 		part := ident(pt.Schema, pt.Name)
-		rows, err := m.q(ctx, tx, `select pg_get_userbyid(relowner)::text, coalesce(relacl::text, ''),
+		rows, err := m.q(ctx, tx, `select pg_get_userbyid(relowner)::text,
 			coalesce(obj_description(oid, 'pg_class'), '') from pg_class where oid = $1`, pt.OID)
 		if err != nil || len(rows) == 0 {
 			return nil, fmt.Errorf("read partition %s: %v", pt.Name, err)
 		}
 		d.after = append(d.after, "ALTER TABLE "+part+" OWNER TO "+qi(rows[0][0]))
+		g, err := m.relGrants(ctx, tx, d, pt.OID, "TABLE", part, pt.Schema, rows[0][0], newCol)
+		if err != nil {
+			return nil, err
+		}
+		d.after = append(d.after, g...)
 		if rows[0][1] != "" {
-			g, err := m.grants(ctx, tx, "TABLE", part, rows[0][0], `select case when grantee = 0 then 'PUBLIC' else quote_ident(pg_get_userbyid(grantee)) end, privilege_type, is_grantable::text
-				from aclexplode((select relacl from pg_class where oid = $1))`, pt.OID)
-			if err != nil {
-				return nil, err
-			}
-			d.after = append(d.after, g...)
-		}
-		if rows[0][2] != "" {
-			d.after = append(d.after, "COMMENT ON TABLE "+part+" IS "+quoteLiteral(rows[0][2]))
-		}
-	}
-	// Comments: table, columns, indexes, constraints.
-	com, err := m.q(ctx, tx, `select 'TABLE', '', description from pg_description where objoid = $1 and classoid = 'pg_class'::regclass and objsubid = 0
-		union all select 'COLUMN', a.attname, d.description from pg_description d join pg_attribute a on a.attrelid = d.objoid and a.attnum = d.objsubid
-		  where d.objoid = $1 and d.classoid = 'pg_class'::regclass and d.objsubid > 0
-		union all select 'INDEX', c.relname, d.description from pg_index i join pg_class c on c.oid = i.indexrelid
-		  join pg_description d on d.objoid = i.indexrelid and d.classoid = 'pg_class'::regclass where i.indrelid = $1
-		union all select 'CONSTRAINT', c.conname, d.description from pg_constraint c join pg_description d on d.objoid = c.oid
-		  and d.classoid = 'pg_constraint'::regclass where c.conrelid = $1 and c.contype not in ('p', 'u', 'x')`, oid)
-	if err != nil {
-		return nil, err
-	}
-	finalIdx := map[string]string{}
-	for _, si := range p.Indexes {
-		if si.OrigName != "" {
-			finalIdx[si.OrigName] = si.Final
-		}
-	}
-	for _, c := range com {
-		switch c[0] {
-		case "TABLE":
-			d.after = append(d.after, "COMMENT ON TABLE "+tbl+" IS "+quoteLiteral(c[2]))
-		case "COLUMN":
-			d.after = append(d.after, "COMMENT ON COLUMN "+tbl+"."+qi(p.renamedTo(c[1]))+" IS "+quoteLiteral(c[2]))
-		case "INDEX":
-			if f, ok := finalIdx[c[1]]; ok {
-				d.after = append(d.after, "COMMENT ON INDEX "+ident(p.Schema, f)+" IS "+quoteLiteral(c[2]))
-			}
-		case "CONSTRAINT":
-			d.after = append(d.after, "COMMENT ON CONSTRAINT "+qi(c[1])+" ON "+tbl+" IS "+quoteLiteral(c[2]))
+			d.after = append(d.after, "COMMENT ON TABLE "+part+" IS "+quoteLiteral(rows[0][1]))
 		}
 	}
 	// Constraints of the shadow's own that were off during the load.
@@ -193,10 +161,7 @@ func (m *migration) readDependents(ctx context.Context, tx pgx.Tx) (*dependents,
 		d.after = append(d.after, s)
 	}
 	// Publication membership, with row filter and column list.
-	var ver int
-	if err := tx.QueryRow(ctx, "select current_setting('server_version_num')::int").Scan(&ver); err != nil {
-		return nil, err
-	}
+	ver := d.ver
 	pubQ := `select p.pubname, '', '' from pg_publication_rel pr join pg_publication p on p.oid = pr.prpubid where pr.prrelid = $1`
 	if ver >= 150000 {
 		pubQ = `select p.pubname, coalesce(pg_get_expr(pr.prqual, pr.prrelid), ''),
@@ -222,7 +187,8 @@ func (m *migration) readDependents(ctx context.Context, tx pgx.Tx) (*dependents,
 	// (pg_get_statisticsobjdef is 10+, stxstattarget 13+).
 	if ver >= 130000 {
 		st, err := m.q(ctx, tx, `select pg_get_statisticsobjdef(oid), quote_ident(stxnamespace::regnamespace::text) || '.' || quote_ident(stxname),
-			coalesce(stxstattarget, -1)::text from pg_statistic_ext where stxrelid = $1`, oid)
+			coalesce(stxstattarget, -1)::text, (pg_get_userbyid(stxowner) <> current_user)::text, pg_get_userbyid(stxowner)::text
+			from pg_statistic_ext where stxrelid = $1`, oid)
 		if err != nil {
 			return nil, err
 		}
@@ -231,8 +197,20 @@ func (m *migration) readDependents(ctx context.Context, tx pgx.Tx) (*dependents,
 			if s[2] != "-1" {
 				d.after = append(d.after, "ALTER STATISTICS "+s[1]+" SET STATISTICS "+s[2])
 			}
+			if s[3] == "true" {
+				// Re-created by this session: it would own it.
+				d.after = append(d.after, "ALTER STATISTICS "+s[1]+" OWNER TO "+qi(s[4]))
+			}
 		}
 	}
+	// Comments last, once everything they are on exists again: the
+	// shadow's constraints (checks, foreign keys), triggers, rules,
+	// policies and statistics are all re-created above.
+	com, err := m.tableComments(ctx, tx, d, newCol)
+	if err != nil {
+		return nil, err
+	}
+	d.after = append(d.after, com...)
 	return d, nil
 }
 
@@ -249,7 +227,7 @@ func (m *migration) depViewsAndFunctions(ctx context.Context, tx pgx.Tx, d *depe
 		    and d.classid = 'pg_rewrite'::regclass and d.refclassid = 'pg_class'::regclass
 		  join pg_rewrite r on r.oid = d.objid where r.ev_class <> deps.oid)
 		select c.oid::text, quote_ident(n.nspname) || '.' || quote_ident(c.relname), pg_get_viewdef(c.oid),
-		       coalesce(array_to_string(c.reloptions, ', '), ''), pg_get_userbyid(c.relowner), coalesce(c.relacl::text, ''),
+		       coalesce(array_to_string(c.reloptions, ', '), ''), pg_get_userbyid(c.relowner), n.nspname::text,
 		       deps.depth::text
 		from (select oid, max(depth) as depth from deps group by oid) deps
 		join pg_class c on c.oid = deps.oid join pg_namespace n on n.oid = c.relnamespace
@@ -260,11 +238,14 @@ func (m *migration) depViewsAndFunctions(ctx context.Context, tx pgx.Tx, d *depe
 	for i := len(views) - 1; i >= 0; i-- {
 		d.before = append(d.before, "DROP VIEW "+views[i][1])
 	}
+	// Functions on the row type, on its array type (which goes with the
+	// table) or on the table.
 	funcs, err := m.q(ctx, tx, `select distinct p.oid::regprocedure::text, pg_get_functiondef(p.oid), pg_get_userbyid(p.proowner),
-		coalesce(p.proacl::text, ''), p.prokind::text, p.oid::text
+		p.pronamespace::regnamespace::text, p.prokind::text, p.oid::text
 		from pg_depend d join pg_proc p on p.oid = d.objid
 		where d.classid = 'pg_proc'::regclass and d.deptype = 'n' and
-		  ((d.refclassid = 'pg_type'::regclass and d.refobjid = (select reltype from pg_class where oid = $1))
+		  ((d.refclassid = 'pg_type'::regclass and d.refobjid in (select ty.oid from pg_class c join pg_type ty on ty.oid = c.reltype where c.oid = $1
+		                                                         union all select ty.typarray from pg_class c join pg_type ty on ty.oid = c.reltype where c.oid = $1))
 		   or (d.refclassid = 'pg_class'::regclass and d.refobjid = $1))`, oid)
 	if err != nil {
 		return err
@@ -276,9 +257,16 @@ func (m *migration) depViewsAndFunctions(ctx context.Context, tx pgx.Tx, d *depe
 		}
 		d.before = append(d.before, "DROP "+kind+" "+f[0])
 		d.after = append(d.after, f[1], "ALTER "+kind+" "+f[0]+" OWNER TO "+qi(f[2]))
-		if f[3] != "" {
-			g, err := m.grants(ctx, tx, kind, f[0], f[2], `select case when grantee = 0 then 'PUBLIC' else quote_ident(pg_get_userbyid(grantee)) end, privilege_type, is_grantable::text
-				from aclexplode((select proacl from pg_proc where oid = $1))`, f[5])
+		set, acl, err := m.readACL(ctx, tx, qProcACL, f[5])
+		if err != nil {
+			return err
+		}
+		if set {
+			nsp, err := m.q(ctx, tx, `select nspname::text from pg_namespace n join pg_proc p on p.pronamespace = n.oid where p.oid = $1::oid`, f[5])
+			if err != nil || len(nsp) == 0 {
+				return fmt.Errorf("read schema of %s: %v", f[0], err)
+			}
+			g, err := m.grantStmts(ctx, tx, d, kind, f[0], nsp[0][0], f[2], true, acl, nil)
 			if err != nil {
 				return err
 			}
@@ -299,13 +287,37 @@ func (m *migration) depViewsAndFunctions(ctx context.Context, tx pgx.Tx, d *depe
 			s += " WITH (" + v[3] + ")"
 		}
 		d.after = append(d.after, s+" AS "+def, "ALTER VIEW "+v[1]+" OWNER TO "+qi(v[4]))
-		if v[5] != "" {
-			g, err := m.grants(ctx, tx, "TABLE", v[1], v[4], `select case when grantee = 0 then 'PUBLIC' else quote_ident(pg_get_userbyid(grantee)) end, privilege_type, is_grantable::text
-				from aclexplode((select relacl from pg_class where oid = $1::oid))`, v[0])
-			if err != nil {
-				return err
-			}
-			d.after = append(d.after, g...)
+		// Column defaults (for INSERTs through the view).
+		defs, err := m.q(ctx, tx, `select a.attname, pg_get_expr(d.adbin, d.adrelid) from pg_attrdef d
+			join pg_attribute a on a.attrelid = d.adrelid and a.attnum = d.adnum
+			where d.adrelid = $1::oid and not a.attisdropped order by a.attnum`, v[0])
+		if err != nil {
+			return err
+		}
+		for _, df := range defs {
+			d.after = append(d.after, "ALTER VIEW "+v[1]+" ALTER COLUMN "+qi(df[0])+" SET DEFAULT "+df[1])
+		}
+		// Privileges, on the view and on its columns.
+		g, err := m.relGrants(ctx, tx, d, v[0], "TABLE", v[1], v[5], v[4], func(c string) (string, bool) { return c, true })
+		if err != nil {
+			return err
+		}
+		d.after = append(d.after, g...)
+		// INSTEAD OF triggers and rules of its own (a view's triggers and
+		// rules cannot be disabled: no enabled state to carry).
+		trg, err := m.q(ctx, tx, `select pg_get_triggerdef(oid) from pg_trigger where tgrelid = $1::oid and not tgisinternal order by tgname`, v[0])
+		if err != nil {
+			return err
+		}
+		for _, t := range trg {
+			d.after = append(d.after, t[0])
+		}
+		rules, err := m.q(ctx, tx, `select pg_get_ruledef(oid) from pg_rewrite where ev_class = $1::oid and rulename <> '_RETURN' order by rulename`, v[0])
+		if err != nil {
+			return err
+		}
+		for _, r := range rules {
+			d.after = append(d.after, strings.TrimSuffix(r[0], ";"))
 		}
 		com, err := m.q(ctx, tx, `select objsubid::text, coalesce(a.attname, ''), description from pg_description d
 			left join pg_attribute a on a.attrelid = d.objoid and a.attnum = d.objsubid
@@ -320,13 +332,11 @@ func (m *migration) depViewsAndFunctions(ctx context.Context, tx pgx.Tx, d *depe
 				d.after = append(d.after, "COMMENT ON COLUMN "+v[1]+"."+qi(c[1])+" IS "+quoteLiteral(c[2]))
 			}
 		}
-		trg, err := m.q(ctx, tx, `select pg_get_triggerdef(oid) from pg_trigger where tgrelid = $1::oid and not tgisinternal`, v[0])
+		sub, err := m.subObjectComments(ctx, tx, v[0], v[1])
 		if err != nil {
 			return err
 		}
-		for _, t := range trg {
-			d.after = append(d.after, t[0])
-		}
+		d.after = append(d.after, sub...)
 	}
 	return nil
 }
@@ -393,17 +403,172 @@ func (m *migration) depSequences(ctx context.Context, tx pgx.Tx, d *dependents) 
 	return nil
 }
 
-// grants turns an ACL into statements: revoke the defaults, grant what was there.
-func (m *migration) grants(ctx context.Context, tx pgx.Tx, kind, obj, owner, aclQuery string, arg any) ([]string, error) {
-	rows, err := m.q(ctx, tx, aclQuery, arg)
+// aclItem renders one item of aclexplode(...) e: grantee (empty for
+// PUBLIC), privilege, grantable, grantor.
+const aclItem = `case when e.grantee = 0 then '' else pg_get_userbyid(e.grantee)::text end, e.privilege_type,
+	e.is_grantable::text, pg_get_userbyid(e.grantor)::text`
+
+// qRelACL: whether a relation has an ACL of its own (NULL is the default),
+// then the items of it and of its columns' ACLs (column first, empty for the
+// relation itself).
+const qRelACL = `select 'set', (relacl is not null)::text, '', '', '' from pg_class where oid = $1::oid
+	union all
+	select '', ` + aclItem + ` from pg_class c, aclexplode(c.relacl) e where c.oid = $1::oid
+	union all
+	select a.attname::text, ` + aclItem + ` from pg_attribute a, aclexplode(a.attacl) e
+	where a.attrelid = $1::oid and a.attnum > 0 and not a.attisdropped`
+
+// qProcACL: the same for a function or procedure.
+const qProcACL = `select 'set', (proacl is not null)::text, '', '', '' from pg_proc where oid = $1::oid
+	union all
+	select '', ` + aclItem + ` from pg_proc p, aclexplode(p.proacl) e where p.oid = $1::oid`
+
+// aclEntry is one privilege granted on an object or on one of its columns.
+type aclEntry struct {
+	col       string // empty for the object itself
+	grantee   string // empty for PUBLIC
+	priv      string
+	grantable bool
+	grantor   string
+}
+
+// readACL runs qRelACL or qProcACL: set says whether the object's own ACL
+// is set (not the default), entries are its items and its columns'.
+func (m *migration) readACL(ctx context.Context, tx pgx.Tx, query string, oid any) (set bool, entries []aclEntry, err error) {
+	rows, err := m.q(ctx, tx, query, oid)
+	if err != nil {
+		return false, nil, fmt.Errorf("read privileges: %w", err)
+	}
+	for _, r := range rows {
+		if r[0] == "set" {
+			set = r[1] == "true"
+			continue
+		}
+		entries = append(entries, aclEntry{col: r[0], grantee: r[1], priv: r[2], grantable: r[3] == "true", grantor: r[4]})
+	}
+	return set, entries, nil
+}
+
+// relGrants re-grants the privileges on a relation and on its columns;
+// newCol maps a column to its name on the new relation, false when it is
+// gone.
+func (m *migration) relGrants(ctx context.Context, tx pgx.Tx, d *dependents, oid any, kind, obj, schema, owner string,
+	newCol func(string) (string, bool)) ([]string, error) {
+	set, acl, err := m.readACL(ctx, tx, qRelACL, oid)
 	if err != nil {
 		return nil, err
 	}
-	out := []string{"REVOKE ALL ON " + kind + " " + obj + " FROM PUBLIC", "REVOKE ALL ON " + kind + " " + obj + " FROM " + qi(owner)}
-	for _, r := range rows {
-		out = append(out, grantStmt(r[1], kind, obj, r[0], r[2] == "true"))
+	return m.grantStmts(ctx, tx, d, kind, obj, schema, owner, set, acl, newCol)
+}
+
+// grantStmts turns an ACL into statements: when the object's own ACL is
+// set, revoke the defaults; then grant each privilege as its grantor did.
+//
+// A privilege granted by a role other than the owner (which got it WITH
+// GRANT OPTION) is granted again by that role, SET LOCAL ROLE to it and
+// back, so the new ACL records the same grantor (a superuser's GRANT is
+// recorded as the owner's). A grantor's grants come after the grant that
+// gave it the option. A grantor the session cannot act as (not a member of
+// it, or without USAGE on the schema, needed to name the object) is
+// replaced by the owner, as before, and said so.
+func (m *migration) grantStmts(ctx context.Context, tx pgx.Tx, d *dependents, kind, obj, schema, owner string, set bool,
+	acl []aclEntry, newCol func(string) (string, bool)) ([]string, error) {
+	var out []string
+	if set {
+		out = append(out, "REVOKE ALL ON "+kind+" "+obj+" FROM PUBLIC", "REVOKE ALL ON "+kind+" "+obj+" FROM "+qi(owner))
+	}
+	type option struct{ role, priv, col string }
+	held := map[option]bool{}
+	canGrant := func(e aclEntry) bool {
+		return e.grantor == owner || held[option{e.grantor, e.priv, ""}] || (e.col != "" && held[option{e.grantor, e.priv, e.col}])
+	}
+	pending := acl
+	for len(pending) > 0 {
+		var next []aclEntry
+		for _, e := range pending {
+			if !canGrant(e) {
+				next = append(next, e)
+				continue
+			}
+			s, err := m.grantAs(ctx, tx, d, kind, obj, schema, owner, e, newCol)
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, s...)
+			if e.grantable && e.grantee != "" {
+				held[option{e.grantee, e.priv, e.col}] = true
+			}
+		}
+		if len(next) == len(pending) {
+			// No grantor left holds its option through these grants (it
+			// holds it through a role it is a member of): as they come.
+			for _, e := range next {
+				s, err := m.grantAs(ctx, tx, d, kind, obj, schema, owner, e, newCol)
+				if err != nil {
+					return nil, err
+				}
+				out = append(out, s...)
+			}
+			break
+		}
+		pending = next
 	}
 	return out, nil
+}
+
+// grantAs renders one ACL entry, as its grantor.
+func (m *migration) grantAs(ctx context.Context, tx pgx.Tx, d *dependents, kind, obj, schema, owner string, e aclEntry,
+	newCol func(string) (string, bool)) ([]string, error) {
+	priv := e.priv
+	if e.col != "" {
+		c, ok := e.col, true
+		if newCol != nil {
+			c, ok = newCol(e.col)
+		}
+		if !ok {
+			return nil, nil // the ALTER dropped the column
+		}
+		priv += " (" + qi(c) + ")"
+	}
+	grantee := "PUBLIC"
+	if e.grantee != "" {
+		grantee = qi(e.grantee)
+	}
+	s := grantStmt(priv, kind, obj, grantee, e.grantable)
+	if e.grantor == owner {
+		return []string{s}, nil
+	}
+	ok, err := m.canActAs(ctx, tx, d, e.grantor, schema)
+	if err != nil {
+		return nil, err
+	}
+	if !ok {
+		m.event(ctx, PhaseSwitch, fmt.Sprintf("%s on %s to %s was granted by %s; it is granted by the owner %s instead (this session cannot act as %s)",
+			priv, obj, grantee, e.grantor, owner, e.grantor))
+		return []string{s}, nil
+	}
+	return []string{"SET LOCAL ROLE " + qi(e.grantor), s, d.restore}, nil
+}
+
+// canActAs: the session may SET ROLE to role (membership, or the SET
+// option on PostgreSQL 16+), and role may name objects in schema.
+func (m *migration) canActAs(ctx context.Context, tx pgx.Tx, d *dependents, role, schema string) (bool, error) {
+	key := role + "\x00" + schema
+	if ok, seen := d.canGrantAs[key]; seen {
+		return ok, nil
+	}
+	mode := "MEMBER"
+	if d.ver >= 160000 {
+		mode = "SET"
+	}
+	var ok bool
+	err := tx.QueryRow(ctx, `select pg_has_role(session_user, $1::text::name, $2) and has_schema_privilege($1::text::name, $3::text, 'USAGE')`,
+		role, mode, schema).Scan(&ok)
+	if err != nil {
+		return false, fmt.Errorf("check whether to act as grantor %s: %w", role, err)
+	}
+	d.canGrantAs[key] = ok
+	return ok, nil
 }
 
 // grantStmt renders one ACL entry; grantee is a quoted role name or PUBLIC.
@@ -413,6 +578,122 @@ func grantStmt(priv, kind, obj, grantee string, grantable bool) string {
 		s += " WITH GRANT OPTION"
 	}
 	return s
+}
+
+// nameSet runs a query of one text column and returns its values as a set.
+func (m *migration) nameSet(ctx context.Context, tx pgx.Tx, query string, args ...any) (map[string]bool, error) {
+	rows, err := m.q(ctx, tx, query, args...)
+	if err != nil {
+		return nil, err
+	}
+	set := make(map[string]bool, len(rows))
+	for _, r := range rows {
+		set[r[0]] = true
+	}
+	return set, nil
+}
+
+// tableComments re-creates the comments on the table and on what the
+// switch put back on it: columns, indexes, constraints (a PRIMARY KEY,
+// UNIQUE or EXCLUDE constraint bears its index's name, which the switch
+// restores), triggers, rules, policies, extended statistics. A comment on
+// what the ALTER dropped goes with it.
+func (m *migration) tableComments(ctx context.Context, tx pgx.Tx, d *dependents, newCol func(string) (string, bool)) ([]string, error) {
+	p := m.plan
+	oid := p.TableID
+	tbl := ident(p.Schema, p.Table)
+	com, err := m.q(ctx, tx, `select 'TABLE', '', description from pg_description where objoid = $1 and classoid = 'pg_class'::regclass and objsubid = 0
+		union all select 'COLUMN', a.attname, d.description from pg_description d join pg_attribute a on a.attrelid = d.objoid and a.attnum = d.objsubid
+		  where d.objoid = $1 and d.classoid = 'pg_class'::regclass and d.objsubid > 0
+		union all select 'INDEX', c.relname, d.description from pg_index i join pg_class c on c.oid = i.indexrelid
+		  join pg_description d on d.objoid = i.indexrelid and d.classoid = 'pg_class'::regclass where i.indrelid = $1
+		union all select case when c.contype in ('p', 'u', 'x') then 'KEY' else 'CONSTRAINT' end, c.conname, d.description
+		  from pg_constraint c join pg_description d on d.objoid = c.oid and d.classoid = 'pg_constraint'::regclass where c.conrelid = $1
+		order by 1, 2`, oid)
+	if err != nil {
+		return nil, err
+	}
+	finalIdx := map[string]string{}
+	for _, si := range p.Indexes {
+		if si.OrigName != "" {
+			finalIdx[si.OrigName] = si.Final
+		}
+	}
+	// Constraints other than keys keep their names: those on the shadow now
+	// and those the switch adds back.
+	cons, err := m.nameSet(ctx, tx, `select conname from pg_constraint where conrelid = $1::regclass`, m.shadowIdent())
+	if err != nil {
+		return nil, err
+	}
+	for _, c := range p.Checks {
+		cons[c.Name] = true
+	}
+	for _, f := range p.FKs {
+		cons[f.Name] = true
+	}
+	var out []string
+	for _, c := range com {
+		switch c[0] {
+		case "TABLE":
+			out = append(out, "COMMENT ON TABLE "+tbl+" IS "+quoteLiteral(c[2]))
+		case "COLUMN":
+			if n, ok := newCol(c[1]); ok {
+				out = append(out, "COMMENT ON COLUMN "+tbl+"."+qi(n)+" IS "+quoteLiteral(c[2]))
+			}
+		case "INDEX":
+			if f, ok := finalIdx[c[1]]; ok {
+				out = append(out, "COMMENT ON INDEX "+ident(p.Schema, f)+" IS "+quoteLiteral(c[2]))
+			}
+		case "KEY":
+			if f, ok := finalIdx[c[1]]; ok {
+				out = append(out, "COMMENT ON CONSTRAINT "+qi(f)+" ON "+tbl+" IS "+quoteLiteral(c[2]))
+			}
+		case "CONSTRAINT":
+			if cons[c[1]] {
+				out = append(out, "COMMENT ON CONSTRAINT "+qi(c[1])+" ON "+tbl+" IS "+quoteLiteral(c[2]))
+			}
+		}
+	}
+	sub, err := m.subObjectComments(ctx, tx, oid, tbl)
+	if err != nil {
+		return nil, err
+	}
+	out = append(out, sub...)
+	if d.ver >= 130000 { // statistics are re-created from 13 on (see above)
+		st, err := m.q(ctx, tx, `select quote_ident(s.stxnamespace::regnamespace::text) || '.' || quote_ident(s.stxname), d.description
+			from pg_statistic_ext s join pg_description d on d.objoid = s.oid and d.classoid = 'pg_statistic_ext'::regclass
+			where s.stxrelid = $1 order by 1`, oid)
+		if err != nil {
+			return nil, err
+		}
+		for _, s := range st {
+			out = append(out, "COMMENT ON STATISTICS "+s[0]+" IS "+quoteLiteral(s[1]))
+		}
+	}
+	return out, nil
+}
+
+// subObjectComments: the comments on the triggers, rules and policies of
+// relation oid (all re-created under their names), as statements on rel.
+func (m *migration) subObjectComments(ctx context.Context, tx pgx.Tx, oid any, rel string) ([]string, error) {
+	rows, err := m.q(ctx, tx, `select 'TRIGGER', t.tgname, d.description from pg_trigger t
+		  join pg_description d on d.objoid = t.oid and d.classoid = 'pg_trigger'::regclass
+		  where t.tgrelid = $1::oid and not t.tgisinternal and t.tgname not in ($2, $3)
+		union all select 'RULE', r.rulename, d.description from pg_rewrite r
+		  join pg_description d on d.objoid = r.oid and d.classoid = 'pg_rewrite'::regclass
+		  where r.ev_class = $1::oid and r.rulename <> '_RETURN'
+		union all select 'POLICY', p.polname, d.description from pg_policy p
+		  join pg_description d on d.objoid = p.oid and d.classoid = 'pg_policy'::regclass
+		  where p.polrelid = $1::oid
+		order by 1, 2`, oid, triggerName, truncTriggerName)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]string, 0, len(rows))
+	for _, r := range rows {
+		out = append(out, "COMMENT ON "+r[0]+" "+qi(r[1])+" ON "+rel+" IS "+quoteLiteral(r[2]))
+	}
+	return out, nil
 }
 
 func enableStmt(what, tbl, name, state string) string {

@@ -239,20 +239,65 @@ func (m *migration) check(ctx context.Context) error {
 	if !ok {
 		return fmt.Errorf("%w: role %s must own table %s (or be a member of its owner) to alter it", ErrBadCommand, role, m.tableRef())
 	}
-	if m.t.OID != 0 {
-		// Dependents the switch cannot carry over are refused now, not at the switch.
-		var mv string
-		err := tx.QueryRow(ctx, `select string_agg(v.oid::regclass::text, ', ')
-			from pg_depend d join pg_rewrite r on r.oid = d.objid join pg_class v on v.oid = r.ev_class
-			where d.refobjid = $1 and d.classid = 'pg_rewrite'::regclass and v.relkind = 'm'`, m.t.OID).Scan(&mv)
-		if err == nil && mv != "" {
-			return fmt.Errorf("%w: materialized view(s) %s depend on %s; drop them first (re-creating them would hold the lock for a full refresh)", ErrBadCommand, mv, m.tableRef())
+	if m.t.OID != 0 && m.cmd.NeedsRewrite() {
+		// Dependents the switch cannot carry over are refused now, not at
+		// the switch (after the whole copy). A catalog-only ALTER runs in
+		// place and keeps every dependent, so it needs none of this.
+		if err := m.refuseDependents(ctx, tx); err != nil {
+			return err
 		}
 	}
 	if m.opts.Capture == CaptureLogical && m.cmd.NeedsRewrite() {
 		if err := m.logicalPreflight(ctx, tx); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// qMatViews lists the materialized views over the table, directly or
+// through views (which the switch drops and re-creates: a materialized view
+// on one of them blocks the DROP VIEW as well).
+const qMatViews = `with recursive deps(oid) as (
+	  select r.ev_class from pg_depend d join pg_rewrite r on r.oid = d.objid
+	  where d.classid = 'pg_rewrite'::regclass and d.refclassid = 'pg_class'::regclass
+	    and d.refobjid = $1 and r.ev_class <> $1
+	  union
+	  select r.ev_class from deps join pg_class v on v.oid = deps.oid and v.relkind = 'v'
+	  join pg_depend d on d.refobjid = deps.oid and d.classid = 'pg_rewrite'::regclass and d.refclassid = 'pg_class'::regclass
+	  join pg_rewrite r on r.oid = d.objid where r.ev_class <> deps.oid)
+	select coalesce(string_agg(c.oid::regclass::text, ', ' order by c.oid::regclass::text), '')
+	from deps join pg_class c on c.oid = deps.oid where c.relkind = 'm'`
+
+// qRowtypeUsers describes what uses the table's row type (or its array
+// type) other than what the switch re-creates (functions, views) or refuses
+// on its own (materialized views): a column of another table or of a
+// composite type, a domain or range over it, an operator, a cast. Each of
+// them keeps the DROP TABLE of the switch from running, and there is no
+// carrying them over: their stored values are of the old row type.
+const qRowtypeUsers = `select coalesce(string_agg(distinct pg_describe_object(d.classid, d.objid, d.objsubid), ', '), '')
+	from pg_class t join pg_type ty on ty.oid = t.reltype
+	join pg_depend d on d.refclassid = 'pg_type'::regclass and d.refobjid in (ty.oid, ty.typarray) and d.deptype = 'n'
+	where t.oid = $1 and d.classid not in ('pg_proc'::regclass, 'pg_rewrite'::regclass)
+	  and not (d.classid = 'pg_class'::regclass and d.objid = t.oid)
+	  and not (d.classid = 'pg_class'::regclass and exists (select 1 from pg_class v where v.oid = d.objid and v.relkind in ('v', 'm')))`
+
+// refuseDependents refuses, before anything is created, the dependents the
+// switch cannot drop and re-create.
+func (m *migration) refuseDependents(ctx context.Context, tx pgx.Tx) error {
+	var mv string
+	if err := tx.QueryRow(ctx, qMatViews, m.t.OID).Scan(&mv); err != nil {
+		return fmt.Errorf("look for materialized views on %s: %w", m.tableRef(), err)
+	}
+	if mv != "" {
+		return fmt.Errorf("%w: materialized view(s) %s depend on %s; drop them first (re-creating them would hold the lock for a full refresh)", ErrBadCommand, mv, m.tableRef())
+	}
+	var users string
+	if err := tx.QueryRow(ctx, qRowtypeUsers, m.t.OID).Scan(&users); err != nil {
+		return fmt.Errorf("look for users of the row type of %s: %w", m.tableRef(), err)
+	}
+	if users != "" {
+		return fmt.Errorf("%w: the row type of %s is used by %s; the new table would have another row type, so these must be changed or dropped first", ErrBadCommand, m.tableRef(), users)
 	}
 	return nil
 }
