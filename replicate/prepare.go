@@ -466,6 +466,10 @@ func (m *migration) capturePlan(ctx context.Context, tx pgx.Tx, p *plan, origFKs
 	for o, s := range p.IndexMap {
 		orig[s] = o
 	}
+	var ver int
+	if err := tx.QueryRow(ctx, "select current_setting('server_version_num')::int").Scan(&ver); err != nil {
+		return err
+	}
 	var drops []string
 	for _, r := range rows {
 		name, def, ts, contype, conname, condef := r[0], r[1], r[2], r[3], r[4], r[5]
@@ -489,6 +493,13 @@ func (m *migration) capturePlan(ctx context.Context, tx pgx.Tx, p *plan, origFKs
 			return err
 		}
 		switch {
+		case r[12] == "p" && (contype == "p" || contype == "u") && ver >= 180000:
+			// Since 18 a leaf's PRIMARY KEY added on its own (USING INDEX)
+			// marks the NOT NULL constraints it inherited as local too: let
+			// the parent's constraint build its leaves, as in place.
+			si.Exclusion = true
+			si.Constraint = "ALTER TABLE " + on + " ADD CONSTRAINT " + qi(conname) + " " + condef
+			drops = append(drops, "ALTER TABLE "+on+" DROP CONSTRAINT "+qi(conname))
 		case r[12] == "p" && contype != "x":
 			// As pg_dump restores it: the parent's index (or PRIMARY KEY or
 			// UNIQUE constraint) alone, ON ONLY; each leaf's index built on
@@ -950,6 +961,17 @@ func (m *migration) inheritedShadow(ctx context.Context, tx pgx.Tx, pt partition
 		if c.StatTgt != pc.StatTgt && c.StatTgt >= 0 {
 			after = append(after, fmt.Sprintf("%s SET STATISTICS %d", col, c.StatTgt))
 		}
+	}
+	// Since 18 NOT NULL is a named constraint; a child's own (declared
+	// with its key, say) keeps its name rather than the inherited one's.
+	nn, err := m.q(ctx, tx, `select c.conname, a.attname from pg_constraint c
+		join pg_attribute a on a.attrelid = c.conrelid and a.attnum = c.conkey[1]
+		where c.conrelid = $1 and c.contype = 'n' and c.conislocal and c.coninhcount > 0 order by 1`, pt.OID)
+	if err != nil {
+		return nil, fmt.Errorf("read NOT NULL constraints of %s: %w", pt.Name, err)
+	}
+	for _, r := range nn {
+		defs = append(defs, "CONSTRAINT "+qi(r[0])+" NOT NULL "+qi(r[1]))
 	}
 	s := "CREATE "
 	if pt.Persistence == "u" {
