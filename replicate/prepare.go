@@ -393,6 +393,9 @@ func (m *migration) prepare(ctx context.Context) error {
 	if err := m.checkInherited(ctx, tx, p); err != nil {
 		return err
 	}
+	if err := m.checkPublished(ctx, tx, p); err != nil {
+		return err
+	}
 	if err := m.renameNotNulls(ctx, tx, p); err != nil {
 		return err
 	}
@@ -1036,4 +1039,31 @@ func deferral(deferrable, deferred bool) string {
 		return " DEFERRABLE"
 	}
 	return ""
+}
+
+// checkPublished refuses, as PostgreSQL does in place, a type change of a
+// column that a publication's column list or row filter uses (subscribers
+// and the filter were defined against the old type).
+func (m *migration) checkPublished(ctx context.Context, tx pgx.Tx, p *plan) error {
+	rows, err := m.q(ctx, tx, `select distinct a.attname, pub.pubname, format_type(a.atttypid, a.atttypmod)
+		from pg_depend d join pg_publication_rel r on r.oid = d.objid
+		join pg_publication pub on pub.oid = r.prpubid
+		join pg_attribute a on a.attrelid = d.refobjid and a.attnum = d.refobjsubid
+		where d.classid = 'pg_publication_rel'::regclass and d.refclassid = 'pg_class'::regclass
+		  and d.refobjid = $1 and d.refobjsubid > 0 order by 1, 2`, p.TableID)
+	if err != nil || len(rows) == 0 {
+		return err
+	}
+	for _, r := range rows {
+		var typ *string
+		if err := tx.QueryRow(ctx, `select format_type(atttypid, atttypmod) from pg_attribute
+			where attrelid = $1::regclass and attname = $2 and not attisdropped`, ident(p.Schema, p.Shadow), m.cmd.RenamedTo(r[0])).Scan(&typ); err != nil && !errors.Is(err, pgx.ErrNoRows) {
+			return err
+		}
+		if typ != nil && *typ != r[2] {
+			return fmt.Errorf("%w: cannot alter type of column %s: publication %s uses it in its column list or row filter (PostgreSQL refuses the same in place)",
+				ErrBadCommand, r[0], r[1])
+		}
+	}
+	return nil
 }
