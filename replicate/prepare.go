@@ -340,9 +340,10 @@ func (m *migration) prepare(ctx context.Context) error {
 	// child's, constraints included, all are its own.
 	for _, pt := range t.Partitions {
 		idx, err := m.q(ctx, tx, `select ic.relname, i.indexrelid::text, pg_get_indexdef(i.indexrelid), coalesce(ts.spcname, ''),
-			coalesce((select pg_get_constraintdef(c.oid) from pg_constraint c where c.conindid = i.indexrelid and c.conrelid = i.indrelid
-			  and c.contype in ('p', 'u', 'x')), '')
+			coalesce(pg_get_constraintdef(con.oid), ''), coalesce(con.contype::text, ''),
+			coalesce(con.condeferrable, false)::text, coalesce(con.condeferred, false)::text
 			from pg_index i join pg_class ic on ic.oid = i.indexrelid
+			left join pg_constraint con on con.conindid = i.indexrelid and con.conrelid = i.indrelid and con.contype in ('p', 'u', 'x')
 			left join pg_tablespace ts on ts.oid = ic.reltablespace
 			where i.indrelid = $1 and i.indisvalid
 			  and not exists (select 1 from pg_inherits h where h.inhrelid = i.indexrelid)
@@ -357,11 +358,18 @@ func (m *migration) prepare(ctx context.Context) error {
 			if err != nil {
 				return err
 			}
-			if r[4] != "" {
-				s = "ALTER TABLE " + ident(pt.Schema, partShadow(pt)) + " ADD CONSTRAINT " + qi(tmp) + " " + r[4]
+			stmts := []string{s}
+			switch on := ident(pt.Schema, partShadow(pt)); r[5] {
+			case "p", "u": // as for the root's: keeps the index's storage parameters and tablespace
+				stmts = append(stmts, "ALTER TABLE "+on+" ADD CONSTRAINT "+qi(tmp)+" "+
+					map[string]string{"p": "PRIMARY KEY", "u": "UNIQUE"}[r[5]]+" USING INDEX "+qi(tmp)+deferral(r[6] == "true", r[7] == "true"))
+			case "x":
+				stmts = []string{"ALTER TABLE " + on + " ADD CONSTRAINT " + qi(tmp) + " " + r[4]}
 			}
-			if _, err := m.exec(ctx, tx, s); err != nil {
-				return fmt.Errorf("copy index %s of partition %s: %w", r[0], pt.Name, err)
+			for _, s := range stmts {
+				if _, err := m.exec(ctx, tx, s); err != nil {
+					return fmt.Errorf("copy index %s of partition %s: %w", r[0], pt.Name, err)
+				}
 			}
 		}
 	}
