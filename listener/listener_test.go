@@ -126,9 +126,9 @@ func TestNotifyClaimsJob(t *testing.T) {
 	time.Sleep(300 * time.Millisecond) // let it LISTEN and finish its first poll
 	committed := time.Now()
 	id := queue(t, c, "alter table orders alter column id type bigint")
-	r := waitFor(t, c, id, 3*time.Second, "claimed", func(r row) bool { return r.state != "queued" })
+	waitFor(t, c, id, 3*time.Second, "claimed", func(r row) bool { return r.state != "queued" })
 	t.Logf("claimed after %v", time.Since(committed))
-	r = waitFor(t, c, id, 60*time.Second, "terminal", terminal)
+	r := waitFor(t, c, id, 60*time.Second, "terminal", terminal)
 	t.Logf("final: %+v", r)
 	if !r.started || r.runner != "notify-test" {
 		t.Fatalf("row %+v", r)

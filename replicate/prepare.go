@@ -796,8 +796,6 @@ func loadPlan(ctx context.Context, q querier, schema, stateTable string) (*plan,
 	return p, nil
 }
 
-var errNoPlan = errors.New("no earlier run to continue")
-
 // renameNotNulls: since PostgreSQL 18 NOT NULL is a named constraint, and one
 // that the ALTER adds on the shadow (SET NOT NULL, ADD COLUMN ... NOT NULL) is
 // named after the shadow, "orders__tat_new_c_not_null". It gets the name the

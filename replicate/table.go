@@ -380,14 +380,6 @@ func columnDDL(c column) string {
 	return b.String()
 }
 
-func keyList(cols []string, prefix string) string {
-	parts := make([]string, len(cols))
-	for i, c := range cols {
-		parts[i] = prefix + qi(c)
-	}
-	return strings.Join(parts, ", ")
-}
-
 // loadParent reads the parent of a partition or an inheritance child and
 // refuses what the switch could not attach back without a scan under lock.
 func loadParent(ctx context.Context, conn pgx.Tx, t *table, rel string, isPartition bool) error {
