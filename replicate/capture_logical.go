@@ -192,16 +192,24 @@ func (m *migration) logicalPreflight(ctx context.Context, db execer) error {
 	// of a partitioned table. Each leaf has its own persistence (an
 	// unlogged leaf is not decoded) and its own replica identity, which
 	// decides what its UPDATE and DELETE write to WAL as the old key (the
-	// partitioned table's own identity is never used). pg_partition_tree
-	// of a plain table is the table itself.
+	// partitioned table's own identity is never used).
+	leaves := []uint32{m.t.OID}
+	if m.t.Kind == "p" {
+		leaves = leaves[:0]
+		for _, pt := range m.t.Partitions {
+			if pt.PartKey == "" {
+				leaves = append(leaves, pt.OID)
+			}
+		}
+	}
 	var schema, rel, persistence, replIdent string
 	var identCols []string
 	rows, err = db.Query(ctx, `select n.nspname::text, c.relname::text, c.relpersistence::text, c.relreplident::text,
 		coalesce((select array_agg(a.attname::text) from pg_index i
 		          join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
 		          where i.indrelid = c.oid and ((c.relreplident = 'd' and i.indisprimary) or (c.relreplident = 'i' and i.indisreplident))), '{}')
-		from pg_partition_tree($1) t join pg_class c on c.oid = t.relid join pg_namespace n on n.oid = c.relnamespace
-		where t.isleaf order by t.level, c.relname`, m.t.OID)
+		from pg_class c join pg_namespace n on n.oid = c.relnamespace
+		where c.oid = any($1::oid[]) order by n.nspname, c.relname`, leaves)
 	if err != nil {
 		return fmt.Errorf("%w: capture 'logical': preflight: %v", ErrBadCommand, err)
 	}
@@ -761,6 +769,23 @@ func (c *logicalCapture) markerSeen(token string) {
 	}
 	close(c.notify)
 	c.notify = make(chan struct{})
+}
+
+// streamErr is why the logical stream ended before stop() (nil while it
+// runs, and under trigger capture). The catch-up waits for the stream to
+// reach a WAL position, which a failed stream never does: it fails the job
+// with this instead of waiting for the catch-up timeout.
+func (m *migration) streamErr() error {
+	lc, ok := m.capture.(*logicalCapture)
+	if !ok || lc.stopped.Load() || lc.done == nil {
+		return nil
+	}
+	lc.mu.Lock()
+	defer lc.mu.Unlock()
+	if !lc.ended {
+		return nil
+	}
+	return fmt.Errorf("logical capture: the replication stream has ended: %w", lc.err)
 }
 
 // sync writes a marker into WAL and waits until the consumer has decoded

@@ -182,6 +182,7 @@ func TestLogicalPartitionTruncate(t *testing.T) {
 	// truncates must have been replayed on exactly the shadows replayed.
 	run := func(t *testing.T, cmd string, steps [][]string, replayed []string) {
 		t.Helper()
+		e := &env{t: t, url: e.url, pool: e.pool} // fail this subtest, not its parent
 		ev := &events{}
 		waiting := make(chan struct{})
 		var once sync.Once
