@@ -41,16 +41,17 @@ import (
 // changed the key, op 'T' (keys NULL) for a TRUNCATE of the original and op
 // 'P' (rel = the partition) for a TRUNCATE of some of its partitions; the
 // applier (catchup.go) then empties the shadow (or that partition's shadow)
-// and replays later keys, so a TRUNCATE is handled, not refused.
+// and replays later keys, so a TRUNCATE is handled, not refused. Only keys:
+// the applier re-reads the current row from the original, so values never
+// come from the stream, and unchanged TOAST columns (sent as 'u' by
+// pgoutput) are never written as NULL — they are simply not looked at.
 //
 // Partitioned tables: the publication FOR TABLE T publishes T's leaf
 // partitions, and their changes arrive as the partitions' own (their OID,
 // their column layout); the decoder maps the key columns by name per
 // relation. An UPDATE that moves a row to another partition arrives as a
-// DELETE and an INSERT. Copy and cut-over go through T as for any table. Only keys: the applier re-reads the
-// current row from the original, so values never come from the stream, and
-// unchanged TOAST columns (sent as 'u' by pgoutput) are never written as
-// NULL — they are simply not looked at.
+// DELETE and an INSERT. Copy (the exported snapshot) and cut-over go
+// through T as for any table.
 //
 // The delta is made UNLOGGED under logical capture: it is not decoded (no
 // feedback loop, no extra WAL per captured change) and is not published by
