@@ -38,12 +38,20 @@ import (
 //
 // What goes into the delta: op 'U' with the new key for INSERT and UPDATE,
 // op 'D' with the old key for DELETE and for the old key of an UPDATE that
-// changed the key, op 'T' (keys NULL) for a TRUNCATE of the original; the
-// applier (catchup.go) then empties the shadow and replays later keys, so a
-// TRUNCATE is handled, not refused. Only keys: the applier re-reads the
-// current row from the original, so values never come from the stream, and
-// unchanged TOAST columns (sent as 'u' by pgoutput) are never written as
-// NULL — they are simply not looked at.
+// changed the key, op 'T' (keys NULL) for a TRUNCATE of the original and op
+// 'P' (rel = the partition) for a TRUNCATE of some of its partitions; the
+// applier (catchup.go) then empties the shadow (or that partition's shadow)
+// and replays later keys, so a TRUNCATE is handled, not refused. Only keys:
+// the applier re-reads the current row from the original, so values never
+// come from the stream, and unchanged TOAST columns (sent as 'u' by
+// pgoutput) are never written as NULL — they are simply not looked at.
+//
+// Partitioned tables: the publication FOR TABLE T publishes T's leaf
+// partitions, and their changes arrive as the partitions' own (their OID,
+// their column layout); the decoder maps the key columns by name per
+// relation. An UPDATE that moves a row to another partition arrives as a
+// DELETE and an INSERT. Copy (the exported snapshot) and cut-over go
+// through T as for any table.
 //
 // The delta is made UNLOGGED under logical capture: it is not decoded (no
 // feedback loop, no extra WAL per captured change) and is not published by
@@ -73,11 +81,13 @@ import (
 // created) refuses, wrapped in ErrBadCommand: server older than 14 (no
 // pgoutput messages option for the cut-over marker), wal_level <> logical,
 // no free replication slot or WAL sender, a role without REPLICATION, an
-// unlogged original (not decoded), a replica identity that does not carry
-// the key (NOTHING, DEFAULT without primary key, USING INDEX / DEFAULT on
-// other columns than the key: deletes would arrive without the key, and the
-// publication would make the application's UPDATE/DELETE fail), and a
-// generated key column (pgoutput does not send generated columns).
+// unlogged original or partition (not decoded), a replica identity that
+// does not carry the key (NOTHING, DEFAULT without primary key, USING INDEX
+// / DEFAULT on other columns than the key: deletes would arrive without the
+// key, and the publication would make the application's UPDATE/DELETE
+// fail) — checked on every leaf partition of a partitioned table, since
+// each has its own — and a generated key column (pgoutput does not send
+// generated columns).
 
 const (
 	logicalMsgPrefix   = "pg_tat"
@@ -151,8 +161,6 @@ func (m *migration) logicalPreflight(ctx context.Context, db execer) error {
 		return fmt.Errorf("%w: capture 'logical': preflight: %v", ErrBadCommand, err)
 	}
 	switch {
-	case m.t.Kind == "p":
-		return bad("partitioned tables are not supported with logical capture (changes arrive per partition); use capture 'trigger'")
 	case version < 140000:
 		return bad("needs PostgreSQL 14 or later (server is %d); use capture 'trigger'", version)
 	case walLevel != "logical":
@@ -169,17 +177,11 @@ func (m *migration) logicalPreflight(ctx context.Context, db execer) error {
 	if m.t.Persistence != "p" {
 		return bad("table %s is not WAL-logged (unlogged or temporary): its changes cannot be decoded; use capture 'trigger'", m.tableRef())
 	}
-	var ident string
-	var identCols, generated []string
-	rows, err = db.Query(ctx, `select c.relreplident::text,
-		coalesce((select array_agg(a.attname::text) from pg_index i
-		          join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
-		          where i.indrelid = c.oid and ((c.relreplident = 'd' and i.indisprimary) or (c.relreplident = 'i' and i.indisreplident))), '{}'),
-		coalesce((select array_agg(a.attname::text) from pg_attribute a
-		          where a.attrelid = c.oid and a.attname = any($2::text[]) and a.attgenerated <> ''), '{}')
-		from pg_class c where c.oid = $1`, m.t.OID, m.t.Key)
+	var generated []string
+	rows, err = db.Query(ctx, `select coalesce(array_agg(a.attname::text), '{}') from pg_attribute a
+		where a.attrelid = $1 and a.attname = any($2::text[]) and a.attgenerated <> ''`, m.t.OID, m.t.Key)
 	if err == nil {
-		_, err = pgx.ForEachRow(rows, []any{&ident, &identCols, &generated}, func() error { return nil })
+		_, err = pgx.ForEachRow(rows, []any{&generated}, func() error { return nil })
 	}
 	if err != nil {
 		return fmt.Errorf("%w: capture 'logical': preflight: %v", ErrBadCommand, err)
@@ -187,7 +189,47 @@ func (m *migration) logicalPreflight(ctx context.Context, db execer) error {
 	if len(generated) > 0 {
 		return bad("key column(s) %s of %s are generated, and pgoutput does not send generated columns; use capture 'trigger'", strings.Join(generated, ", "), m.tableRef())
 	}
-	if ident != "f" {
+	// Rows live in the leaves: the table itself, or every leaf partition
+	// of a partitioned table. Each leaf has its own persistence (an
+	// unlogged leaf is not decoded) and its own replica identity, which
+	// decides what its UPDATE and DELETE write to WAL as the old key (the
+	// partitioned table's own identity is never used).
+	leaves := []uint32{m.t.OID}
+	if m.t.Kind == "p" {
+		leaves = leaves[:0]
+		for _, pt := range m.t.Partitions {
+			if pt.PartKey == "" {
+				leaves = append(leaves, pt.OID)
+			}
+		}
+	}
+	var schema, rel, persistence, replIdent string
+	var identCols []string
+	rows, err = db.Query(ctx, `select n.nspname::text, c.relname::text, c.relpersistence::text, c.relreplident::text,
+		coalesce((select array_agg(a.attname::text) from pg_index i
+		          join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
+		          where i.indrelid = c.oid and ((c.relreplident = 'd' and i.indisprimary) or (c.relreplident = 'i' and i.indisreplident))), '{}')
+		from pg_class c join pg_namespace n on n.oid = c.relnamespace
+		where c.oid = any($1::oid[]) order by n.nspname, c.relname`, leaves)
+	if err != nil {
+		return fmt.Errorf("%w: capture 'logical': preflight: %v", ErrBadCommand, err)
+	}
+	var refusal error
+	_, err = pgx.ForEachRow(rows, []any{&schema, &rel, &persistence, &replIdent, &identCols}, func() error {
+		if refusal != nil {
+			return nil
+		}
+		what := "table " + ident(schema, rel)
+		if m.t.Kind == "p" {
+			what = "partition " + ident(schema, rel) + " of " + m.tableRef()
+		}
+		if persistence != "p" {
+			refusal = bad("%s is not WAL-logged (unlogged or temporary): its changes cannot be decoded; use capture 'trigger'", what)
+			return nil
+		}
+		if replIdent == "f" {
+			return nil
+		}
 		have := map[string]bool{}
 		for _, c := range identCols {
 			have[c] = true
@@ -198,13 +240,17 @@ func (m *migration) logicalPreflight(ctx context.Context, db execer) error {
 				missing = append(missing, k)
 			}
 		}
-		if ident == "n" || len(identCols) == 0 || len(missing) > 0 {
-			return bad("the replica identity of %s does not carry its key (%s): deletes would reach the stream without it, "+
+		if replIdent == "n" || len(identCols) == 0 || len(missing) > 0 {
+			refusal = bad("the replica identity of %s does not carry its key (%s): deletes would reach the stream without it, "+
 				"and publishing the table would make UPDATE/DELETE fail; set REPLICA IDENTITY to the key (or FULL), or use capture 'trigger'",
-				m.tableRef(), strings.Join(m.t.Key, ", "))
+				what, strings.Join(m.t.Key, ", "))
 		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("%w: capture 'logical': preflight: %v", ErrBadCommand, err)
 	}
-	return nil
+	return refusal
 }
 
 func (c *logicalCapture) start(ctx context.Context) (string, error) {
@@ -222,9 +268,14 @@ func (c *logicalCapture) start(ctx context.Context) (string, error) {
 	if _, err := m.exec(ctx, m.pool, "ALTER TABLE "+m.deltaIdent()+" SET UNLOGGED"); err != nil {
 		return "", fmt.Errorf("logical capture: %w", err)
 	}
+	// The shadow of a partitioned table is published as its partitions.
+	schemas, names := []string{m.plan.Schema}, []string{m.plan.Shadow}
+	for _, pt := range m.plan.Partitions {
+		schemas, names = append(schemas, pt.Schema), append(names, partShadow(pt))
+	}
 	var others string
 	if err := m.pool.QueryRow(ctx, `select coalesce(string_agg(distinct pubname, ', '), '') from pg_publication_tables
-		where schemaname = $1 and tablename = $2`, m.plan.Schema, m.plan.Shadow).Scan(&others); err != nil {
+		where (schemaname, tablename) in (select * from unnest($1::text[], $2::text[]))`, schemas, names).Scan(&others); err != nil {
 		return "", fmt.Errorf("logical capture: %w", err)
 	}
 	if others != "" {
@@ -238,7 +289,8 @@ func (c *logicalCapture) start(ctx context.Context) (string, error) {
 		return "", err
 	}
 	// The publication must exist before the slot: pgoutput looks it up as
-	// of the decoded change.
+	// of the decoded change. A partitioned table is published as its leaf
+	// partitions (publish_via_partition_root off, the default): see decoder.
 	if _, err := m.exec(ctx, m.admin, "CREATE PUBLICATION "+qi(c.pub)+" FOR TABLE "+m.t.ident()); err != nil {
 		return "", fmt.Errorf("logical capture: create publication: %w", err)
 	}
@@ -299,12 +351,12 @@ func (c *logicalCapture) copied(ctx context.Context) error {
 		return errors.New("logical capture was not started")
 	}
 	p := m.plan
-	cols, sel, params := []string{"op"}, []string{`u.op::"char"`}, []string{"$1::text[]"}
-	names := []string{"op"}
+	cols, sel, params := []string{"op", "rel"}, []string{`u.op::"char"`, "u.rel::oid"}, []string{"$1::text[]", "$2::text[]"}
+	names := []string{"op", "rel"}
 	for i := range p.Key {
 		cols = append(cols, fmt.Sprintf("k%d", i+1))
 		sel = append(sel, fmt.Sprintf("u.k%d::%s", i+1, p.KeyTypes[i]))
-		params = append(params, fmt.Sprintf("$%d::text[]", i+2))
+		params = append(params, fmt.Sprintf("$%d::text[]", i+3))
 		names = append(names, fmt.Sprintf("k%d", i+1))
 	}
 	c.insert = fmt.Sprintf("INSERT INTO %s (%s) SELECT %s FROM unnest(%s) WITH ORDINALITY AS u(%s, ord) ORDER BY u.ord",
@@ -357,11 +409,13 @@ func (c *logicalCapture) stream(ctx context.Context) {
 // keyBatch holds decoded keys not yet in the delta, in stream order.
 type keyBatch struct {
 	ops  []string
+	rels []*string   // the truncated partition of a 'P' marker, else NULL
 	keys [][]*string // per key column
 }
 
 func (b *keyBatch) add(op string, key []string) {
 	b.ops = append(b.ops, op)
+	b.rels = append(b.rels, nil)
 	for i := range b.keys {
 		if key == nil {
 			b.keys[i] = append(b.keys[i], nil)
@@ -372,23 +426,58 @@ func (b *keyBatch) add(op string, key []string) {
 	}
 }
 
+// addPartition adds a 'P' marker: the partition rel was truncated.
+func (b *keyBatch) addPartition(rel uint32) {
+	b.add("P", nil)
+	v := fmt.Sprint(rel)
+	b.rels[len(b.rels)-1] = &v
+}
+
 func (b *keyBatch) reset() {
 	b.ops = b.ops[:0]
+	b.rels = b.rels[:0]
 	for i := range b.keys {
 		b.keys[i] = b.keys[i][:0]
 	}
 }
 
 // decoder turns pgoutput messages of the original into delta keys.
+//
+// The publication is FOR TABLE T and nothing else, so every relation in the
+// stream is T or, for a partitioned T, one of its leaf partitions: pgoutput
+// sends a partition's changes as the partition's own (publish_via_partition_root
+// is left off), with the partition's OID and column layout. Key columns are
+// looked up by name in each relation's description (partitions have T's
+// column names, not necessarily its column order). Leaving the changes per
+// partition is what keeps a TRUNCATE of one partition in the stream: with
+// publish_via_partition_root, pgoutput drops a partition's TRUNCATE
+// altogether and sends only one of the root.
 type decoder struct {
 	oid    uint32
-	key    []string // key column names on the original
-	keyIdx []int    // their positions in the last Relation message; nil until seen
+	leaves map[uint32]bool // leaf partitions when the job started (partitioned T)
+	inner  map[uint32]bool // intermediate partitioned tables of T
+	key    []string        // key column names on the original
+	keyIdx map[uint32][]int
 	batch  keyBatch
 	inTxn  bool
 	commit pglogrepl.LSN // end of the last decoded transaction
 	marker string        // a cut-over marker decoded in the last message
 	prefix string        // tokens of this run start with it
+}
+
+// newDecoder decodes the stream of the original t with key key; parts is
+// t's partition tree (empty when t is not partitioned).
+func newDecoder(oid uint32, key []string, parts []partition) *decoder {
+	d := &decoder{oid: oid, key: key, keyIdx: map[uint32][]int{}, leaves: map[uint32]bool{}, inner: map[uint32]bool{}}
+	for _, pt := range parts {
+		if pt.PartKey == "" {
+			d.leaves[pt.OID] = true
+		} else {
+			d.inner[pt.OID] = true
+		}
+	}
+	d.batch.keys = make([][]*string, len(key))
+	return d
 }
 
 func (d *decoder) handle(walData []byte) error {
@@ -403,10 +492,8 @@ func (d *decoder) handle(walData []byte) error {
 		d.inTxn = false
 		d.commit = msg.TransactionEndLSN
 	case *pglogrepl.RelationMessage:
-		// Relation messages repeat mid-stream: key by OID, never by name.
-		if msg.RelationID != d.oid {
-			return nil
-		}
+		// Relation messages repeat mid-stream (after an invalidation): key
+		// by OID, never by name.
 		idx := make([]int, len(d.key))
 		for i, k := range d.key {
 			idx[i] = -1
@@ -419,31 +506,27 @@ func (d *decoder) handle(walData []byte) error {
 				return fmt.Errorf("key column %q of %s.%s is not in the stream: was the table altered during the migration?", k, msg.Namespace, msg.RelationName)
 			}
 		}
-		d.keyIdx = idx
+		d.keyIdx[msg.RelationID] = idx
 	case *pglogrepl.InsertMessage:
-		if msg.RelationID != d.oid {
-			return nil
-		}
-		k, err := d.tupleKey(msg.Tuple, nil)
+		k, err := d.tupleKey(msg.RelationID, msg.Tuple, nil)
 		if err != nil {
 			return fmt.Errorf("insert: %w", err)
 		}
 		d.batch.add("U", k)
 	case *pglogrepl.UpdateMessage:
-		if msg.RelationID != d.oid {
-			return nil
-		}
 		// The old key tuple ('K', or 'O' with REPLICA IDENTITY FULL) comes
 		// only when the identity columns changed; without it the key is
 		// the new tuple's. Unchanged TOASTed key values ('u') are taken
-		// from the old tuple.
-		k, err := d.tupleKey(msg.NewTuple, msg.OldTuple)
+		// from the old tuple. An UPDATE that moves a row to another
+		// partition is not an UPDATE in the stream: it arrives as a DELETE
+		// from the old partition and an INSERT into the new one.
+		k, err := d.tupleKey(msg.RelationID, msg.NewTuple, msg.OldTuple)
 		if err != nil {
 			return fmt.Errorf("update: %w", err)
 		}
 		d.batch.add("U", k)
 		if msg.OldTuple != nil {
-			old, err := d.tupleKey(msg.OldTuple, nil)
+			old, err := d.tupleKey(msg.RelationID, msg.OldTuple, nil)
 			if err != nil {
 				return fmt.Errorf("update (old key): %w", err)
 			}
@@ -452,20 +535,13 @@ func (d *decoder) handle(walData []byte) error {
 			}
 		}
 	case *pglogrepl.DeleteMessage:
-		if msg.RelationID != d.oid {
-			return nil
-		}
-		old, err := d.tupleKey(msg.OldTuple, nil)
+		old, err := d.tupleKey(msg.RelationID, msg.OldTuple, nil)
 		if err != nil {
 			return fmt.Errorf("delete: %w", err)
 		}
 		d.batch.add("D", old)
 	case *pglogrepl.TruncateMessage:
-		for _, id := range msg.RelationIDs {
-			if id == d.oid {
-				d.batch.add("T", nil)
-			}
-		}
+		d.truncate(msg.RelationIDs)
 	case *pglogrepl.LogicalDecodingMessage:
 		if msg.Prefix == logicalMsgPrefix && strings.HasPrefix(string(msg.Content), d.prefix) {
 			d.marker = string(msg.Content)
@@ -474,17 +550,52 @@ func (d *decoder) handle(walData []byte) error {
 	return nil
 }
 
-// tupleKey reads the key columns of t (text format), falling back to alt
-// for unchanged TOASTed values.
-func (d *decoder) tupleKey(t, alt *pglogrepl.TupleData) ([]string, error) {
-	if d.keyIdx == nil {
-		return nil, errors.New("change before the relation's description")
+// truncate turns the relations of a TRUNCATE into the markers trigger
+// capture writes: 'T' when the whole original was emptied, else one 'P'
+// per truncated leaf partition, which the apply replays on that
+// partition's shadow only.
+//
+// pgoutput never lists a partitioned table (it has no rows of its own): a
+// TRUNCATE of a partitioned T arrives as the list of all its leaves, and
+// one of an intermediate partitioned table as the list of its leaves. A
+// list covering every leaf is the whole table. A partition the job does
+// not know (attached during the run) gets a 'P' too: the apply refuses it,
+// as it does under trigger capture.
+func (d *decoder) truncate(ids []uint32) {
+	listed := map[uint32]bool{}
+	for _, id := range ids {
+		listed[id] = true
+	}
+	whole := listed[d.oid]
+	if !whole && len(d.leaves) > 0 {
+		whole = true
+		for leaf := range d.leaves {
+			whole = whole && listed[leaf]
+		}
+	}
+	if whole {
+		d.batch.add("T", nil)
+		return
+	}
+	for _, id := range ids {
+		if !d.inner[id] {
+			d.batch.addPartition(id)
+		}
+	}
+}
+
+// tupleKey reads the key columns of t, a tuple of relation rel (text
+// format), falling back to alt for unchanged TOASTed values.
+func (d *decoder) tupleKey(rel uint32, t, alt *pglogrepl.TupleData) ([]string, error) {
+	keyIdx := d.keyIdx[rel]
+	if keyIdx == nil {
+		return nil, fmt.Errorf("change of relation %d before its description", rel)
 	}
 	if t == nil {
 		return nil, errors.New("no key in the change (replica identity changed during the migration?)")
 	}
-	k := make([]string, len(d.keyIdx))
-	for i, j := range d.keyIdx {
+	k := make([]string, len(keyIdx))
+	for i, j := range keyIdx {
 		if j >= len(t.Columns) {
 			return nil, fmt.Errorf("key column %q missing from the tuple", d.key[i])
 		}
@@ -519,8 +630,8 @@ func equalKeys(a, b []string) bool {
 // sends a standby status update.
 func (c *logicalCapture) consume(ctx context.Context) error {
 	m := c.m
-	d := &decoder{oid: m.t.OID, key: m.plan.Key, commit: c.startLSN, prefix: c.slot + "/"}
-	d.batch.keys = make([][]*string, len(d.key))
+	d := newDecoder(m.t.OID, m.plan.Key, m.plan.Partitions)
+	d.commit, d.prefix = c.startLSN, c.slot+"/"
 	acked, sent := c.startLSN, pglogrepl.LSN(0)
 	lastStatus := time.Time{}
 	netConn := c.repl.Conn()
@@ -528,7 +639,7 @@ func (c *logicalCapture) consume(ctx context.Context) error {
 
 	flush := func() error {
 		if len(d.batch.ops) > 0 {
-			args := []any{d.batch.ops}
+			args := []any{d.batch.ops, d.batch.rels}
 			for _, k := range d.batch.keys {
 				args = append(args, k)
 			}
@@ -659,6 +770,23 @@ func (c *logicalCapture) markerSeen(token string) {
 	}
 	close(c.notify)
 	c.notify = make(chan struct{})
+}
+
+// streamErr is why the logical stream ended before stop() (nil while it
+// runs, and under trigger capture). The catch-up waits for the stream to
+// reach a WAL position, which a failed stream never does: it fails the job
+// with this instead of waiting for the catch-up timeout.
+func (m *migration) streamErr() error {
+	lc, ok := m.capture.(*logicalCapture)
+	if !ok || lc.stopped.Load() || lc.done == nil {
+		return nil
+	}
+	lc.mu.Lock()
+	defer lc.mu.Unlock()
+	if !lc.ended {
+		return nil
+	}
+	return fmt.Errorf("logical capture: the replication stream has ended: %w", lc.err)
 }
 
 // sync writes a marker into WAL and waits until the consumer has decoded

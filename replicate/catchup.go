@@ -56,6 +56,11 @@ func (m *migration) catchup(ctx context.Context) error {
 			return err
 		}
 		held += time.Since(h)
+		// A failed stream never reaches the mark: fail now, not after
+		// CatchupTimeout.
+		if err := m.streamErr(); err != nil {
+			return err
+		}
 		base := int64(m.batchSize()) * 10
 		limit := sliceLimit(base, growth)
 		n, err := m.applyDelta(ctx, m.pool, limit)
