@@ -33,7 +33,7 @@ analyze m;`)
 	before := e.dump(t)
 	var stop atomic.Bool
 	var wg sync.WaitGroup
-	var ops atomic.Int64
+	var ops, moves atomic.Int64
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
@@ -42,7 +42,7 @@ analyze m;`)
 			id := 1 + i*37%6000
 			stmt := []string{
 				"update %s set n = n + 1 where id = $1",
-				"update %s set region = (region + 1) % 4 where id = $1 and not exists (select 1 from %[1]s x where x.id = $1 and x.region = (%[1]s.region + 1) % 4)",
+				"update %s set region = (region + 1) %% 4 where id = $1 and not exists (select 1 from %[1]s x where x.id = $1 and x.region = (%[1]s.region + 1) %% 4)",
 				"delete from %s where id = $1",
 				"insert into %s (id, region, v, n) values ($1 + 10000, 1, 'new', 0) on conflict do nothing",
 			}[i%4]
@@ -50,7 +50,7 @@ analyze m;`)
 			if err != nil {
 				return
 			}
-			_, err1 := tx.Exec(ctx, sprintf(stmt, "m"), id)
+			tag, err1 := tx.Exec(ctx, sprintf(stmt, "m"), id)
 			_, err2 := tx.Exec(ctx, sprintf(stmt, "ctl"), id)
 			if err1 != nil || err2 != nil {
 				_ = tx.Rollback(ctx)
@@ -58,6 +58,9 @@ analyze m;`)
 			}
 			if tx.Commit(ctx) == nil {
 				ops.Add(1)
+				if i%4 == 1 && tag.RowsAffected() > 0 {
+					moves.Add(1)
+				}
 			}
 			time.Sleep(time.Millisecond)
 		}
@@ -69,8 +72,8 @@ analyze m;`)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if ops.Load() == 0 {
-		t.Fatal("writer wrote nothing")
+	if ops.Load() == 0 || moves.Load() == 0 {
+		t.Fatalf("writer committed %d transactions, %d moves between partitions", ops.Load(), moves.Load())
 	}
 	after := e.dump(t)
 	// Every table of the tree (not the control) has n as bigint now.
