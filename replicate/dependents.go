@@ -108,7 +108,8 @@ func (m *migration) readDependents(ctx context.Context, tx pgx.Tx) (*dependents,
 	// A partition's clones of its parent's triggers come back with ATTACH
 	// PARTITION (partial mode); only their enabled state is restored.
 	trg, err := m.q(ctx, tx, `select tgname, pg_get_triggerdef(oid), tgenabled::text, (tgparentid <> 0)::text from pg_trigger
-		where tgrelid = $1 and not tgisinternal and tgname not in ($2, $3) order by tgname`, oid, triggerName, truncTriggerName)
+		where tgrelid = $1 and (not tgisinternal or tgparentid <> 0 and tgconstraint = 0)
+		  and tgname not in ($2, $3) order by tgname`, oid, triggerName, truncTriggerName)
 	if err != nil {
 		return nil, err
 	}

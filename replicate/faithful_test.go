@@ -358,8 +358,16 @@ func faithCases() []faithCase {
 				// relallvisible at 0 on a freshly loaded table), but the writer
 				// may have dirtied every page since: then the vacuum counter
 				// of the new table (its statistics moved with its OID) tells.
-				if got := e.str(`select c.relallvisible > 0 or s.vacuum_count > 0 from pg_class c
-					join pg_stat_user_tables s on s.relid = c.oid where c.oid = 't'::regclass`); got != "true" {
+				// Before 15 statistics reach the views with a delay: poll.
+				vacuumed := false
+				for i := 0; i < 50 && !vacuumed; i++ {
+					vacuumed = e.str(`select c.relallvisible > 0 or s.vacuum_count > 0 from pg_class c
+						join pg_stat_user_tables s on s.relid = c.oid where c.oid = 't'::regclass`) == "true"
+					if !vacuumed {
+						time.Sleep(200 * time.Millisecond)
+					}
+				}
+				if !vacuumed {
 					t.Fatal("the new table was not vacuumed")
 				}
 				if got := e.str("select age(relfrozenxid) < (select age(relfrozenxid) from pg_class where oid = 'ctl'::regclass) from pg_class where oid = 't'::regclass"); got != "true" {

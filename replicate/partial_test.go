@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"github.com/pgtat/pg_tat/internal/testpg"
 	"github.com/pgtat/pg_tat/replicate"
 )
 
@@ -83,6 +84,9 @@ create table ctl as select * from m1;`
 }
 
 func partialPartition(t *testing.T, schema, alter, capture, want string) {
+	if v := testpg.Version(t); capture == replicate.CaptureLogical && v < 140000 {
+		t.Skipf("logical capture needs PostgreSQL 14+ (server is %d)", v)
+	}
 	online := newEnv(t)
 	online.exec(schema)
 	stop := online.pairWriter(t, "update %s set n = n + 1, v = v || 'x' where id = $1", "m1", "ctl", 6000)

@@ -1015,7 +1015,7 @@ func (m *migration) checkTree(ctx context.Context, tx pgx.Tx, p *plan) error {
 	}
 	oids := oidsOf(p.Partitions)
 	rows, err := m.q(ctx, tx, `select x.what || ' ' || x.name || ' on ' || x.rel::regclass::text from (
-		select 'trigger' what, tgname::text name, tgrelid rel from pg_trigger
+		select 'trigger' as what, tgname::text as name, tgrelid as rel from pg_trigger
 		  where tgrelid = any($1::oid[]) and not tgisinternal and tgparentid = 0 and tgname not in ($2, $3)
 		union all select 'rule', rulename::text, ev_class from pg_rewrite where ev_class = any($1::oid[]) and rulename <> '_RETURN'
 		union all select 'policy', polname::text, polrelid from pg_policy where polrelid = any($1::oid[])
