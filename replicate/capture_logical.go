@@ -195,6 +195,10 @@ func (m *migration) logicalPreflight(ctx context.Context, db execer) error {
 	// decides what its UPDATE and DELETE write to WAL as the old key (the
 	// partitioned table's own identity is never used).
 	leaves := []uint32{m.t.OID}
+	if m.t.inherits() {
+		// Every table of an inheritance tree holds rows of its own.
+		leaves = append(leaves, m.t.partitionOIDs()...)
+	}
 	if m.t.Kind == "p" {
 		leaves = leaves[:0]
 		for _, pt := range m.t.Partitions {
@@ -220,6 +224,9 @@ func (m *migration) logicalPreflight(ctx context.Context, db execer) error {
 			return nil
 		}
 		what := "table " + ident(schema, rel)
+		if m.t.inherits() && rel != m.t.Name {
+			what = "inheritance child " + ident(schema, rel) + " of " + m.tableRef()
+		}
 		if m.t.Kind == "p" {
 			what = "partition " + ident(schema, rel) + " of " + m.tableRef()
 		}
@@ -433,6 +440,13 @@ func (b *keyBatch) addPartition(rel uint32) {
 	b.rels[len(b.rels)-1] = &v
 }
 
+// addIn adds a key with the table of an inheritance tree that held the row.
+func (b *keyBatch) addIn(op string, key []string, rel uint32) {
+	b.add(op, key)
+	v := fmt.Sprint(rel)
+	b.rels[len(b.rels)-1] = &v
+}
+
 func (b *keyBatch) reset() {
 	b.ops = b.ops[:0]
 	b.rels = b.rels[:0]
@@ -456,19 +470,24 @@ type decoder struct {
 	oid    uint32
 	leaves map[uint32]bool // leaf partitions when the job started (partitioned T)
 	inner  map[uint32]bool // intermediate partitioned tables of T
-	key    []string        // key column names on the original
-	keyIdx map[uint32][]int
-	batch  keyBatch
-	inTxn  bool
-	commit pglogrepl.LSN // end of the last decoded transaction
-	marker string        // a cut-over marker decoded in the last message
-	prefix string        // tokens of this run start with it
+	// inherit: T is the root of an inheritance tree, every table of which
+	// is published (FOR TABLE T takes its descendants); each key carries
+	// the table that held the row, each TRUNCATE one marker per table.
+	inherit bool
+	key     []string // key column names on the original
+	keyIdx  map[uint32][]int
+	batch   keyBatch
+	inTxn   bool
+	commit  pglogrepl.LSN // end of the last decoded transaction
+	marker  string        // a cut-over marker decoded in the last message
+	prefix  string        // tokens of this run start with it
 }
 
 // newDecoder decodes the stream of the original t with key key; parts is
 // t's partition tree (empty when t is not partitioned).
 func newDecoder(oid uint32, key []string, parts []partition) *decoder {
 	d := &decoder{oid: oid, key: key, keyIdx: map[uint32][]int{}, leaves: map[uint32]bool{}, inner: map[uint32]bool{}}
+	d.inherit = len(parts) > 0 && parts[0].Inherit
 	for _, pt := range parts {
 		if pt.PartKey == "" {
 			d.leaves[pt.OID] = true
@@ -512,7 +531,7 @@ func (d *decoder) handle(walData []byte) error {
 		if err != nil {
 			return fmt.Errorf("insert: %w", err)
 		}
-		d.batch.add("U", k)
+		d.add(msg.RelationID, "U", k)
 	case *pglogrepl.UpdateMessage:
 		// The old key tuple ('K', or 'O' with REPLICA IDENTITY FULL) comes
 		// only when the identity columns changed; without it the key is
@@ -524,14 +543,14 @@ func (d *decoder) handle(walData []byte) error {
 		if err != nil {
 			return fmt.Errorf("update: %w", err)
 		}
-		d.batch.add("U", k)
+		d.add(msg.RelationID, "U", k)
 		if msg.OldTuple != nil {
 			old, err := d.tupleKey(msg.RelationID, msg.OldTuple, nil)
 			if err != nil {
 				return fmt.Errorf("update (old key): %w", err)
 			}
 			if !equalKeys(old, k) {
-				d.batch.add("D", old)
+				d.add(msg.RelationID, "D", old)
 			}
 		}
 	case *pglogrepl.DeleteMessage:
@@ -539,7 +558,7 @@ func (d *decoder) handle(walData []byte) error {
 		if err != nil {
 			return fmt.Errorf("delete: %w", err)
 		}
-		d.batch.add("D", old)
+		d.add(msg.RelationID, "D", old)
 	case *pglogrepl.TruncateMessage:
 		d.truncate(msg.RelationIDs)
 	case *pglogrepl.LogicalDecodingMessage:
@@ -562,6 +581,18 @@ func (d *decoder) handle(walData []byte) error {
 // not know (attached during the run) gets a 'P' too: the apply refuses it,
 // as it does under trigger capture.
 func (d *decoder) truncate(ids []uint32) {
+	if d.inherit {
+		// Each table of an inheritance tree was emptied of its own rows
+		// only: a marker per table, replayed on that table's shadow.
+		for _, id := range ids {
+			op := "P"
+			if id == d.oid {
+				op = "T"
+			}
+			d.batch.addIn(op, nil, id)
+		}
+		return
+	}
 	listed := map[uint32]bool{}
 	for _, id := range ids {
 		listed[id] = true
@@ -582,6 +613,15 @@ func (d *decoder) truncate(ids []uint32) {
 			d.batch.addPartition(id)
 		}
 	}
+}
+
+// add adds a changed row's key, with its table for an inheritance tree.
+func (d *decoder) add(rel uint32, op string, key []string) {
+	if d.inherit {
+		d.batch.addIn(op, key, rel)
+		return
+	}
+	d.batch.add(op, key)
 }
 
 // tupleKey reads the key columns of t, a tuple of relation rel (text

@@ -9,6 +9,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/pgtat/pg_tat/internal/testpg"
 	"github.com/pgtat/pg_tat/replicate"
@@ -40,11 +41,24 @@ create table c_ih_a as select * from only ih_a;
 create table c_ih_b as select * from only ih_b;
 create table c_ih_a1 as select * from only ih_a1;`
 	const alter = "alter table ih alter column n type bigint, add column w int not null default 7, add constraint ih_v_check check (v <> '')"
-	inPlace, online := newEnv(t), newEnv(t)
+	inPlace := newEnv(t)
 	inPlace.exec(schema)
 	inPlace.exec(alter)
-	online.exec(schema)
 	want := testpg.Schema(t, inPlace.pool)
+	for _, capture := range []string{replicate.CaptureTrigger, replicate.CaptureLogical} {
+		t.Run(capture, func(t *testing.T) {
+			t.Parallel()
+			if v := testpg.Version(t); capture == replicate.CaptureLogical && v < 140000 {
+				t.Skipf("logical capture needs PostgreSQL 14+ (server is %d)", v)
+			}
+			inheritanceTree(t, schema, alter, capture, want)
+		})
+	}
+}
+
+func inheritanceTree(t *testing.T, schema, alter, capture, want string) {
+	online := newEnv(t)
+	online.exec(schema)
 
 	var stop atomic.Bool
 	var wg sync.WaitGroup
@@ -78,7 +92,7 @@ create table c_ih_a1 as select * from only ih_a1;`
 			}
 		}(uint64(w + 1))
 	}
-	o := opts(alter)
+	o := captureOpts(capture, alter)
 	o.BatchSize = 200
 	err := online.run(o)
 	stop.Store(true)
@@ -190,4 +204,55 @@ func TestInheritanceCopyResumes(t *testing.T) {
 	e.assertSame("(select tableoid::regclass::text tbl, * from ih) x", "(select tbl, id, v from c) y", "*")
 	e.assertSame("(select id, v, extra from only ih_b) x", "(select id, v, id from c where tbl = 'ih_b') y", "*")
 	e.assertNoLeftovers("ih")
+}
+
+// The same TRUNCATEs under logical capture, made while the job waits for a
+// manual switch (a continued logical run would start over): pgoutput lists
+// every table a TRUNCATE emptied, each replayed on its own shadow only.
+func TestInheritanceTruncateLogical(t *testing.T) {
+	t.Parallel()
+	needsLogical(t)
+	e := newEnv(t)
+	e.exec(`create table ih (id int primary key, v text);
+		create table ih_a (primary key (id)) inherits (ih);
+		create table ih_a1 (primary key (id)) inherits (ih_a);
+		create table ih_b (primary key (id)) inherits (ih);
+		insert into ih select g, 'r' from generate_series(1, 500) g;
+		insert into ih_a select g, 'a' from generate_series(1, 500) g;
+		insert into ih_a1 select g, 'a1' from generate_series(1, 500) g;
+		insert into ih_b select g, 'b' from generate_series(1, 500) g`)
+	ev := &events{}
+	waiting := make(chan struct{})
+	var once sync.Once
+	ev.on = func(msg string) {
+		if strings.Contains(msg, "waiting for a manual switch") {
+			once.Do(func() { close(waiting) })
+		}
+	}
+	o := logicalOpts("alter table ih alter column v type varchar(10)")
+	o.ManualSwitch = true
+	gate := switchGate{open: make(chan struct{})}
+	done := make(chan error, 1)
+	go func() { done <- replicate.Run(context.Background(), e.pool, o, ev, gate) }()
+	select {
+	case <-waiting:
+	case err := <-done:
+		t.Fatalf("the run ended before waiting for the switch: %v", err)
+	case <-time.After(60 * time.Second):
+		t.Fatal("the run never waited for the switch")
+	}
+	e.exec(`update ih set v = 'u' where id = 5; truncate only ih; insert into ih values (7, 'new');
+		truncate ih_a; insert into ih_a1 values (9, 'new a1'); update ih_b set v = 'ub' where id = 3`)
+	time.Sleep(700 * time.Millisecond)
+	close(gate.open)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	const counts = `select string_agg(tableoid::regclass::text || ':' || n, ' ' order by tableoid::regclass::text) from (
+		select tableoid, count(*) || '/' || count(*) filter (where v in ('u', 'ub', 'new', 'new a1')) n from ih group by tableoid) x`
+	if got := e.str(counts); got != "ih:1/1 ih_a1:1/1 ih_b:500/2" {
+		t.Fatalf("after truncates: %s", got)
+	}
+	e.assertNoLeftovers("ih")
+	e.assertNoCapture()
 }

@@ -1007,8 +1007,6 @@ func (m *migration) checkTree(ctx context.Context, tx pgx.Tx, p *plan) error {
 	}
 	if p.Partitions[0].Inherit {
 		switch {
-		case m.opts.Capture == CaptureLogical:
-			return fmt.Errorf("%w: inheritance trees are not supported with logical capture; use capture 'trigger'", ErrBadCommand)
 		case m.opts.Verify:
 			return fmt.Errorf("%w: verify is not supported for inheritance trees", ErrBadCommand)
 		}
