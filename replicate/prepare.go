@@ -1009,8 +1009,6 @@ func (m *migration) checkTree(ctx context.Context, tx pgx.Tx, p *plan) error {
 		switch {
 		case m.opts.Capture == CaptureLogical:
 			return fmt.Errorf("%w: inheritance trees are not supported with logical capture; use capture 'trigger'", ErrBadCommand)
-		case m.opts.Verify:
-			return fmt.Errorf("%w: verify is not supported for inheritance trees", ErrBadCommand)
 		}
 	}
 	oids := oidsOf(p.Partitions)
