@@ -1005,12 +1005,6 @@ func (m *migration) checkTree(ctx context.Context, tx pgx.Tx, p *plan) error {
 	if len(p.Partitions) == 0 {
 		return nil
 	}
-	if p.Partitions[0].Inherit {
-		switch {
-		case m.opts.Verify:
-			return fmt.Errorf("%w: verify is not supported for inheritance trees", ErrBadCommand)
-		}
-	}
 	oids := oidsOf(p.Partitions)
 	rows, err := m.q(ctx, tx, `select x.what || ' ' || x.name || ' on ' || x.rel::regclass::text from (
 		select 'trigger' as what, tgname::text as name, tgrelid as rel from pg_trigger
