@@ -278,3 +278,63 @@ create table c_ih_b as select * from only ih_b;`
 	}
 	e.assertNoLeftovers("ih")
 }
+
+// What the switch cannot carry over below the root is refused before
+// anything is created, naming it: a materialized view over a partition, a
+// row type of a child used by a column, row-level security of a child that
+// applies to the copying owner, and (before PostgreSQL 18, which cannot add
+// it NOT VALID) a foreign key of a partitioned partition; on 18 that key is
+// carried over and validated.
+func TestTreeObjectsRefused(t *testing.T) {
+	t.Parallel()
+	const part = `create table m (id int primary key, n int, r int) partition by range (id);
+		create table m_1 partition of m for values from (0) to (1000) partition by range (id);
+		create table m_1a partition of m_1 for values from (0) to (500);
+		create table m_1b partition of m_1 for values from (500) to (1000);
+		create table m_2 partition of m default;
+		insert into m select g, g, g from generate_series(1, 1500) g;`
+	const inh = `create table ih (id int primary key, n int);
+		create table ih_a (primary key (id)) inherits (ih);
+		insert into ih_a select g, g from generate_series(1, 100) g;`
+	cases := []struct {
+		name, setup, alter, wantErr string
+		fromVer                     int // the case passes from this version on
+	}{
+		{name: "materialized view", setup: part + `create materialized view m_2_mv as select id from m_2`,
+			alter: "alter table m alter column n type bigint", wantErr: "materialized view(s) m_2_mv depend on"},
+		{name: "row type", setup: inh + `create table holder (h ih_a)`,
+			alter: "alter table ih alter column n type bigint", wantErr: "row type of"},
+		{name: "forced row level security", setup: inh + `alter table ih owner to ROLE_A; alter table ih_a owner to ROLE_A;
+			alter table ih_a enable row level security; alter table ih_a force row level security`,
+			alter: "alter table ih alter column n type bigint", wantErr: "inheritance child ih_a has row-level security"},
+		{name: "foreign key of a partitioned partition", setup: part + `create table ref (id int primary key);
+			insert into ref select generate_series(1, 2000);
+			alter table m_1 add constraint m_1_r_fk foreign key (r) references ref`,
+			alter: "alter table m alter column n type bigint", wantErr: "foreign key m_1_r_fk on partitioned table", fromVer: 180000},
+	}
+	for _, tc := range cases {
+		t.Run(strings.ReplaceAll(tc.name, " ", "_"), func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t)
+			e.exec(treeRoles(t, 1, e).Replace(tc.setup))
+			err := e.run(opts(tc.alter))
+			if tc.fromVer > 0 && testpg.Version(t) >= tc.fromVer {
+				if err != nil {
+					t.Fatal(err)
+				}
+				if got := e.str("select count(*) filter (where convalidated) || '/' || count(*) from pg_constraint where conname = 'm_1_r_fk'"); got != "3/3" {
+					t.Fatalf("m_1_r_fk (and its clones) validated/all: %s", got)
+				}
+				e.assertNoLeftovers("m")
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Fatalf("want an error with %q, got %v", tc.wantErr, err)
+			}
+			t.Logf("refused: %v", err)
+			if n := e.str(`select count(*) from pg_class where relname like '%\_\_tat\_%'`); n != "0" {
+				t.Fatalf("%s objects created before the refusal", n)
+			}
+		})
+	}
+}
