@@ -28,13 +28,34 @@ type identitySeq struct {
 	called                  bool
 }
 
-// readDependents reads every dependent of the original. tx runs with
-// search_path = pg_catalog, so all definitions are schema-qualified.
+// treeRel is one table whose own dependents the switch carries over: the
+// root (the table the command names) or a partition or inheritance child
+// below it. Each has a shadow, renamed to its name at the switch.
+type treeRel struct {
+	oid    uint32
+	schema string
+	ident  string // the table, quoted
+	shadow string // its shadow, quoted
+	root   bool
+}
+
+// treeRels: the root, then the tables below it, parents first (so that a
+// parent's trigger is re-created, and its enabled state set, before its
+// partitions' clones are adjusted).
+func (m *migration) treeRels() []treeRel {
+	p := m.plan
+	rels := []treeRel{{oid: p.TableID, schema: p.Schema, ident: ident(p.Schema, p.Table), shadow: m.shadowIdent(), root: true}}
+	for _, pt := range p.Partitions {
+		rels = append(rels, treeRel{oid: pt.OID, schema: pt.Schema, ident: ident(pt.Schema, pt.Name), shadow: ident(pt.Schema, partShadow(pt))})
+	}
+	return rels
+}
+
+// readDependents reads every dependent of the original and of the tables
+// below it. tx runs with search_path = pg_catalog, so all definitions are
+// schema-qualified.
 func (m *migration) readDependents(ctx context.Context, tx pgx.Tx) (*dependents, error) {
 	d := &dependents{canGrantAs: map[string]bool{}}
-	p := m.plan
-	oid := p.TableID
-	tbl := ident(p.Schema, p.Table)
 	var role string
 	if err := tx.QueryRow(ctx, "select current_setting('server_version_num')::int, current_setting('role')").Scan(&d.ver, &role); err != nil {
 		return nil, err
@@ -45,17 +66,54 @@ func (m *migration) readDependents(ctx context.Context, tx pgx.Tx) (*dependents,
 	if role != "none" {
 		d.restore = "SET LOCAL ROLE " + qi(role)
 	}
-	steps := []func(context.Context, pgx.Tx, *dependents) error{
-		m.depViewsAndFunctions, m.depInboundFKs, m.depSequences,
+	rels := m.treeRels()
+	oids := make([]uint32, len(rels))
+	for i, r := range rels {
+		oids[i] = r.oid
 	}
-	for _, s := range steps {
-		if err := s(ctx, tx, d); err != nil {
-			return nil, err
+	// Views and functions over any table of the tree, and foreign keys
+	// from outside it: one query each, so that a view over two tables of
+	// the tree is dropped and re-created once.
+	if err := m.depViewsAndFunctions(ctx, tx, d, oids); err != nil {
+		return nil, err
+	}
+	if err := m.depInboundFKs(ctx, tx, d, oids); err != nil {
+		return nil, err
+	}
+	if err := m.depSequences(ctx, tx, d, rels); err != nil {
+		return nil, err
+	}
+	// Names of the tree's top-level indexes after the switch (an index of
+	// a partition attached to one of them survives with it).
+	finalIdx := map[string]string{}
+	for _, si := range m.plan.Indexes {
+		if si.OrigName != "" {
+			finalIdx[si.OrigName] = si.Final
 		}
 	}
+	for _, r := range rels {
+		s, err := m.relDependents(ctx, tx, d, r, finalIdx)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", r.ident, err)
+		}
+		d.after = append(d.after, s...)
+	}
+	return d, nil
+}
+
+// relDependents: what the new table r must get back after the rename, as
+// the original had it: owner, grants, the constraints the shadow went
+// without, triggers, rules, row-level security, publication membership,
+// extended statistics and comments. For the root, the row-level security
+// flags and replica identity are the shadow's own since prepare, and its
+// foreign keys are those the ALTER left on the shadow; a table below it
+// gets them here, read from the original.
+func (m *migration) relDependents(ctx context.Context, tx pgx.Tx, d *dependents, r treeRel, finalIdx map[string]string) ([]string, error) {
+	p := m.plan
+	tbl := r.ident
 	// What the new table will have once the shadow's constraints are back:
 	// a property of a column or a constraint the ALTER dropped is not carried.
-	shadowCols, err := m.nameSet(ctx, tx, `select attname from pg_attribute where attrelid = $1::regclass and attnum > 0 and not attisdropped`, m.shadowIdent())
+	shadowCols, err := m.nameSet(ctx, tx, `select attname from pg_attribute where attrelid = $1::regclass and attnum > 0 and not attisdropped`, r.shadow)
 	if err != nil {
 		return nil, err
 	}
@@ -63,76 +121,92 @@ func (m *migration) readDependents(ctx context.Context, tx pgx.Tx) (*dependents,
 		n := p.renamedTo(c)
 		return n, shadowCols[n]
 	}
-	// After the rename: the table's own properties.
-	owner := m.t.Owner
-	d.after = append(d.after, "ALTER TABLE "+tbl+" OWNER TO "+qi(owner))
-	g, err := m.relGrants(ctx, tx, d, oid, "TABLE", tbl, p.Schema, owner, newCol)
+	idxNames, err := m.indexFinalNames(ctx, tx, r.oid, finalIdx)
 	if err != nil {
 		return nil, err
 	}
-	d.after = append(d.after, g...)
-	// Partitions: owner, grants and comments of each.
-	for _, pt := range p.Partitions {
-		part := ident(pt.Schema, pt.Name)
-		rows, err := m.q(ctx, tx, `select pg_get_userbyid(relowner)::text,
-			coalesce(obj_description(oid, 'pg_class'), '') from pg_class where oid = $1`, pt.OID)
+	var out, readded []string // readded: constraints added back by name
+	owner := m.t.Owner
+	if !r.root {
+		rows, err := m.q(ctx, tx, `select pg_get_userbyid(relowner)::text, relrowsecurity::text, relforcerowsecurity::text, relreplident::text,
+			coalesce((select c.relname from pg_index i join pg_class c on c.oid = i.indexrelid where i.indrelid = $1 and i.indisreplident), '')
+			from pg_class where oid = $1`, r.oid)
 		if err != nil || len(rows) == 0 {
-			return nil, fmt.Errorf("read partition %s: %v", pt.Name, err)
+			return nil, fmt.Errorf("read table: %v", err)
 		}
-		d.after = append(d.after, "ALTER TABLE "+part+" OWNER TO "+qi(rows[0][0]))
-		g, err := m.relGrants(ctx, tx, d, pt.OID, "TABLE", part, pt.Schema, rows[0][0], newCol)
+		owner = rows[0][0]
+		out = append(out, "ALTER TABLE "+tbl+" OWNER TO "+qi(owner))
+		if rows[0][1] == "true" {
+			out = append(out, "ALTER TABLE "+tbl+" ENABLE ROW LEVEL SECURITY")
+		}
+		if rows[0][2] == "true" {
+			out = append(out, "ALTER TABLE "+tbl+" FORCE ROW LEVEL SECURITY")
+		}
+		switch rows[0][3] {
+		case "f":
+			out = append(out, "ALTER TABLE "+tbl+" REPLICA IDENTITY FULL")
+		case "n":
+			out = append(out, "ALTER TABLE "+tbl+" REPLICA IDENTITY NOTHING")
+		case "i":
+			// Unless the ALTER dropped the index (in place the table would
+			// then have no replica identity either).
+			if n, ok := idxNames[rows[0][4]]; ok {
+				out = append(out, "ALTER TABLE "+tbl+" REPLICA IDENTITY USING INDEX "+qi(n))
+			}
+		}
+	} else {
+		out = append(out, "ALTER TABLE "+tbl+" OWNER TO "+qi(owner))
+	}
+	g, err := m.relGrants(ctx, tx, d, r.oid, "TABLE", tbl, r.schema, owner, newCol)
+	if err != nil {
+		return nil, err
+	}
+	out = append(out, g...)
+	if r.root {
+		// Constraints of the shadow's own that were off during the load.
+		for _, c := range p.Checks {
+			out = append(out, "ALTER TABLE "+tbl+" ADD CONSTRAINT "+qi(c.Name)+" "+c.Def)
+			readded = append(readded, c.Name)
+		}
+		for _, f := range p.FKs {
+			out = append(out, m.addFK(d, tbl, f.Name, f.Def))
+			readded = append(readded, f.Name)
+		}
+	} else {
+		// The table's own outbound foreign keys (a partition's clones of
+		// its parent's come back with the parent's), unless the ALTER
+		// dropped one of their columns (in place the key goes with it).
+		fks, err := m.q(ctx, tx, `select c.conname, pg_get_constraintdef(c.oid),
+			coalesce((select string_agg(a.attname, E'\x1f') from pg_attribute a where a.attrelid = c.conrelid and a.attnum = any(c.conkey)), '')
+			from pg_constraint c where c.conrelid = $1 and c.contype = 'f' and c.conparentid = 0 order by c.conname`, r.oid)
 		if err != nil {
 			return nil, err
 		}
-		d.after = append(d.after, g...)
-		if rows[0][1] != "" {
-			d.after = append(d.after, "COMMENT ON TABLE "+part+" IS "+quoteLiteral(rows[0][1]))
-		}
-	}
-	// Constraints of the shadow's own that were off during the load.
-	for _, c := range p.Checks {
-		d.after = append(d.after, "ALTER TABLE "+tbl+" ADD CONSTRAINT "+qi(c.Name)+" "+c.Def)
-	}
-	for _, f := range p.FKs {
-		def := f.Def
-		// A NOT ENFORCED foreign key (PostgreSQL 18+) is never validated.
-		if !strings.HasSuffix(def, " NOT VALID") && !strings.HasSuffix(def, " NOT ENFORCED") {
-			def += " NOT VALID"
-			if !m.opts.SkipFKValidation {
-				d.validate = append(d.validate, "ALTER TABLE "+tbl+" VALIDATE CONSTRAINT "+qi(f.Name))
+	fk:
+		for _, f := range fks {
+			for _, c := range strings.Split(f[2], "\x1f") {
+				if _, ok := newCol(c); !ok {
+					continue fk
+				}
 			}
+			out = append(out, m.addFK(d, tbl, f[0], f[1]))
+			readded = append(readded, f[0])
 		}
-		d.after = append(d.after, "ALTER TABLE "+tbl+" ADD CONSTRAINT "+qi(f.Name)+" "+def)
 	}
-	// Triggers (not ours), with their enabled state, and rules.
-	// A partition's clones of its parent's triggers come back with ATTACH
-	// PARTITION (partial mode); only their enabled state is restored.
-	trg, err := m.q(ctx, tx, `select tgname, pg_get_triggerdef(oid), tgenabled::text, (tgparentid <> 0)::text from pg_trigger
-		where tgrelid = $1 and (not tgisinternal or tgparentid <> 0 and tgconstraint = 0)
-		  and tgname not in ($2, $3) order by tgname`, oid, triggerName, truncTriggerName)
+	trg, err := m.relTriggers(ctx, tx, r)
 	if err != nil {
 		return nil, err
 	}
-	for _, t := range trg {
-		cloned := t[3] == "true"
-		if !cloned {
-			d.after = append(d.after, t[1])
-		}
-		if s := enableStmt("TRIGGER", tbl, t[0], t[2]); s != "" {
-			d.after = append(d.after, s)
-		} else if cloned {
-			d.after = append(d.after, "ALTER TABLE "+tbl+" ENABLE TRIGGER "+qi(t[0]))
-		}
-	}
+	out = append(out, trg...)
 	rules, err := m.q(ctx, tx, `select rulename, pg_get_ruledef(oid), ev_enabled::text from pg_rewrite
-		where ev_class = $1 and rulename <> '_RETURN' order by rulename`, oid)
+		where ev_class = $1 and rulename <> '_RETURN' order by rulename`, r.oid)
 	if err != nil {
 		return nil, err
 	}
-	for _, r := range rules {
-		d.after = append(d.after, strings.TrimSuffix(r[1], ";"))
-		if s := enableStmt("RULE", tbl, r[0], r[2]); s != "" {
-			d.after = append(d.after, s)
+	for _, rl := range rules {
+		out = append(out, strings.TrimSuffix(rl[1], ";"))
+		if s := enableStmt("RULE", tbl, rl[0], rl[2]); s != "" {
+			out = append(out, s)
 		}
 	}
 	// Row-level security policies.
@@ -140,7 +214,7 @@ func (m *migration) readDependents(ctx context.Context, tx pgx.Tx) (*dependents,
 		coalesce((select string_agg(case when r = 0 then 'PUBLIC' else quote_ident(pg_get_userbyid(r)) end, ', ')
 		          from unnest(polroles) r), 'PUBLIC'),
 		coalesce(pg_get_expr(polqual, polrelid), ''), coalesce(pg_get_expr(polwithcheck, polrelid), '')
-		from pg_policy where polrelid = $1 order by polname`, oid)
+		from pg_policy where polrelid = $1 order by polname`, r.oid)
 	if err != nil {
 		return nil, err
 	}
@@ -159,7 +233,7 @@ func (m *migration) readDependents(ctx context.Context, tx pgx.Tx) (*dependents,
 		if pl[5] != "" {
 			s += " WITH CHECK (" + pl[5] + ")"
 		}
-		d.after = append(d.after, s)
+		out = append(out, s)
 	}
 	// Publication membership, with row filter and column list.
 	ver := d.ver
@@ -170,7 +244,7 @@ func (m *migration) readDependents(ctx context.Context, tx pgx.Tx) (*dependents,
 			          where a.attrelid = pr.prrelid and a.attnum = any(pr.prattrs)), '')
 			from pg_publication_rel pr join pg_publication p on p.oid = pr.prpubid where pr.prrelid = $1`
 	}
-	pubs, err := m.q(ctx, tx, pubQ, oid)
+	pubs, err := m.q(ctx, tx, pubQ, r.oid)
 	if err != nil {
 		return nil, err
 	}
@@ -182,47 +256,132 @@ func (m *migration) readDependents(ctx context.Context, tx pgx.Tx) (*dependents,
 		if pb[1] != "" {
 			s += " WHERE (" + pb[1] + ")"
 		}
-		d.after = append(d.after, s)
+		out = append(out, s)
 	}
 	// Extended statistics go with the table; re-create them
 	// (pg_get_statisticsobjdef is 10+, stxstattarget 13+).
 	if ver >= 130000 {
 		st, err := m.q(ctx, tx, `select pg_get_statisticsobjdef(oid), quote_ident(stxnamespace::regnamespace::text) || '.' || quote_ident(stxname),
 			coalesce(stxstattarget, -1)::text, (pg_get_userbyid(stxowner) <> current_user)::text, pg_get_userbyid(stxowner)::text
-			from pg_statistic_ext where stxrelid = $1`, oid)
+			from pg_statistic_ext where stxrelid = $1`, r.oid)
 		if err != nil {
 			return nil, err
 		}
 		for _, s := range st {
-			d.after = append(d.after, s[0])
+			out = append(out, s[0])
 			if s[2] != "-1" {
-				d.after = append(d.after, "ALTER STATISTICS "+s[1]+" SET STATISTICS "+s[2])
+				out = append(out, "ALTER STATISTICS "+s[1]+" SET STATISTICS "+s[2])
 			}
 			if s[3] == "true" {
 				// Re-created by this session: it would own it.
-				d.after = append(d.after, "ALTER STATISTICS "+s[1]+" OWNER TO "+qi(s[4]))
+				out = append(out, "ALTER STATISTICS "+s[1]+" OWNER TO "+qi(s[4]))
 			}
 		}
 	}
 	// Comments last, once everything they are on exists again: the
 	// shadow's constraints (checks, foreign keys), triggers, rules,
 	// policies and statistics are all re-created above.
-	com, err := m.tableComments(ctx, tx, d, newCol)
+	com, err := m.tableComments(ctx, tx, d, r, newCol, idxNames, readded)
 	if err != nil {
 		return nil, err
 	}
-	d.after = append(d.after, com...)
-	return d, nil
+	return append(out, com...), nil
 }
 
-// depViewsAndFunctions: views (nested) and functions using the rowtype are
-// dropped and re-created, with owner, options, grants and comments.
-func (m *migration) depViewsAndFunctions(ctx context.Context, tx pgx.Tx, d *dependents) error {
-	oid := m.plan.TableID
+// addFK re-adds a foreign key NOT VALID (no scan under the switch's lock)
+// and queues its validation after the commit, unless it was not valid (or
+// not enforced) on the original.
+func (m *migration) addFK(d *dependents, tbl, name, def string) string {
+	// A NOT ENFORCED foreign key (PostgreSQL 18+) is never validated.
+	if !strings.HasSuffix(def, " NOT VALID") && !strings.HasSuffix(def, " NOT ENFORCED") {
+		def += " NOT VALID"
+		if !m.opts.SkipFKValidation {
+			d.validate = append(d.validate, "ALTER TABLE "+tbl+" VALIDATE CONSTRAINT "+qi(name))
+		}
+	}
+	return "ALTER TABLE " + tbl + " ADD CONSTRAINT " + qi(name) + " " + def
+}
+
+// relTriggers re-creates r's triggers (not ours) with their enabled state.
+// A partition's clones of its parent's triggers come back with the parent's
+// (or with ATTACH PARTITION, partial mode); only their enabled state is
+// restored. Before PostgreSQL 15 the clones are tgisinternal.
+func (m *migration) relTriggers(ctx context.Context, tx pgx.Tx, r treeRel) ([]string, error) {
+	tbl := r.ident
+	trg, err := m.q(ctx, tx, `select t.tgname, pg_get_triggerdef(t.oid), t.tgenabled::text, (t.tgparentid <> 0)::text,
+		coalesce((select pt.tgenabled::text from pg_trigger pt where pt.oid = t.tgparentid), '')
+		from pg_trigger t where t.tgrelid = $1 and (not t.tgisinternal or t.tgparentid <> 0 and t.tgconstraint = 0)
+		  and t.tgname not in ($2, $3) order by t.tgname`, r.oid, triggerName, truncTriggerName)
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, t := range trg {
+		cloned := t[3] == "true"
+		switch {
+		case !cloned:
+			out = append(out, t[1])
+			if s := enableStmt("TRIGGER", tbl, t[0], t[2]); s != "" {
+				out = append(out, s)
+			}
+		case r.root:
+			// Partial mode: ATTACH PARTITION cloned it enabled.
+			if s := enableStmt("TRIGGER", tbl, t[0], t[2]); s != "" {
+				out = append(out, s)
+			} else {
+				out = append(out, "ALTER TABLE "+tbl+" ENABLE TRIGGER "+qi(t[0]))
+			}
+		case t[2] != "O" || t[4] != "O":
+			// Below the root the clone takes its parent's state (set just
+			// before, parents first, and recursing): set it where it may
+			// differ. Where both are plainly enabled there is nothing to do.
+			if s := enableStmt("TRIGGER", tbl, t[0], t[2]); s != "" {
+				out = append(out, s)
+			} else {
+				out = append(out, "ALTER TABLE "+tbl+" ENABLE TRIGGER "+qi(t[0]))
+			}
+		}
+	}
+	return out, nil
+}
+
+// indexFinalNames maps the names of the indexes of table oid to their names
+// on the new table, leaving out those the ALTER dropped. An index of its own
+// is one of plan.Indexes (top: original name -> final name); a partition's
+// index attached to its parent's survives with the top-level index it is
+// attached to, under its own name (renamePartitionIndexes restores it).
+func (m *migration) indexFinalNames(ctx context.Context, tx pgx.Tx, oid uint32, top map[string]string) (map[string]string, error) {
+	rows, err := m.q(ctx, tx, `with recursive up(idx, top) as (
+		  select indexrelid, indexrelid from pg_index where indrelid = $1
+		  union all
+		  select up.idx, h.inhparent from up join pg_inherits h on h.inhrelid = up.top)
+		select c.relname, t.relname from up join pg_class c on c.oid = up.idx join pg_class t on t.oid = up.top
+		where not exists (select 1 from pg_inherits h where h.inhrelid = up.top)`, oid)
+	if err != nil {
+		return nil, err
+	}
+	names := make(map[string]string, len(rows))
+	for _, r := range rows {
+		f, ok := top[r[1]]
+		switch {
+		case !ok:
+		case r[0] == r[1]:
+			names[r[0]] = f
+		default:
+			names[r[0]] = r[0]
+		}
+	}
+	return names, nil
+}
+
+// depViewsAndFunctions: views (nested) over any of the tables oids and
+// functions using their rowtypes are dropped and re-created, with owner,
+// options, grants and comments.
+func (m *migration) depViewsAndFunctions(ctx context.Context, tx pgx.Tx, d *dependents, oids []uint32) error {
 	views, err := m.q(ctx, tx, `with recursive deps(oid, depth) as (
 		  select r.ev_class, 1 from pg_depend d join pg_rewrite r on r.oid = d.objid
 		  where d.classid = 'pg_rewrite'::regclass and d.refclassid = 'pg_class'::regclass
-		    and d.refobjid = $1 and r.ev_class <> $1
+		    and d.refobjid = any($1::oid[]) and r.ev_class <> all($1::oid[])
 		  union all
 		  select r.ev_class, deps.depth + 1 from deps join pg_depend d on d.refobjid = deps.oid
 		    and d.classid = 'pg_rewrite'::regclass and d.refclassid = 'pg_class'::regclass
@@ -232,7 +391,7 @@ func (m *migration) depViewsAndFunctions(ctx context.Context, tx pgx.Tx, d *depe
 		       deps.depth::text
 		from (select oid, max(depth) as depth from deps group by oid) deps
 		join pg_class c on c.oid = deps.oid join pg_namespace n on n.oid = c.relnamespace
-		order by deps.depth, c.oid`, oid)
+		order by deps.depth, c.oid`, oids)
 	if err != nil {
 		return err
 	}
@@ -245,9 +404,9 @@ func (m *migration) depViewsAndFunctions(ctx context.Context, tx pgx.Tx, d *depe
 		p.pronamespace::regnamespace::text, p.prokind::text, p.oid::text
 		from pg_depend d join pg_proc p on p.oid = d.objid
 		where d.classid = 'pg_proc'::regclass and d.deptype = 'n' and
-		  ((d.refclassid = 'pg_type'::regclass and d.refobjid in (select ty.oid from pg_class c join pg_type ty on ty.oid = c.reltype where c.oid = $1
-		                                                         union all select ty.typarray from pg_class c join pg_type ty on ty.oid = c.reltype where c.oid = $1))
-		   or (d.refclassid = 'pg_class'::regclass and d.refobjid = $1))`, oid)
+		  ((d.refclassid = 'pg_type'::regclass and d.refobjid in (select ty.oid from pg_class c join pg_type ty on ty.oid = c.reltype where c.oid = any($1::oid[])
+		                                                         union all select ty.typarray from pg_class c join pg_type ty on ty.oid = c.reltype where c.oid = any($1::oid[])))
+		   or (d.refclassid = 'pg_class'::regclass and d.refobjid = any($1::oid[])))`, oids)
 	if err != nil {
 		return err
 	}
@@ -342,11 +501,15 @@ func (m *migration) depViewsAndFunctions(ctx context.Context, tx pgx.Tx, d *depe
 	return nil
 }
 
-// depInboundFKs: foreign keys of other tables pointing at the original are
-// dropped and re-added NOT VALID (validated after the commit).
-func (m *migration) depInboundFKs(ctx context.Context, tx pgx.Tx, d *dependents) error {
+// depInboundFKs: foreign keys of tables outside the tree (oids) pointing at
+// one of its tables are dropped and re-added NOT VALID (validated after the
+// commit). Those between tables of the tree are outbound keys of one of them.
+// A key of a partitioned table comes with clones on its partitions and on
+// the referenced partitions (conparentid <> 0), which follow it.
+func (m *migration) depInboundFKs(ctx context.Context, tx pgx.Tx, d *dependents, oids []uint32) error {
 	fks, err := m.q(ctx, tx, `select conrelid::regclass::text, conname, pg_get_constraintdef(oid), convalidated::text
-		from pg_constraint where confrelid = $1 and contype = 'f' and conrelid <> $1 order by 1, 2`, m.plan.TableID)
+		from pg_constraint where confrelid = any($1::oid[]) and contype = 'f' and conparentid = 0
+		  and conrelid <> all($1::oid[]) order by 1, 2`, oids)
 	if err != nil {
 		return err
 	}
@@ -364,22 +527,30 @@ func (m *migration) depInboundFKs(ctx context.Context, tx pgx.Tx, d *dependents)
 	return nil
 }
 
-// depSequences: serial sequences are detached before the drop and owned by
-// the new column after; identity sequences of the new table continue from
-// the old ones and take their names.
-func (m *migration) depSequences(ctx context.Context, tx pgx.Tx, d *dependents) error {
+// depSequences: serial sequences (of a column of any table of the tree)
+// are detached before the drop and owned by the new column after; identity
+// sequences of the new table continue from the old ones and take their
+// names.
+func (m *migration) depSequences(ctx context.Context, tx pgx.Tx, d *dependents, rels []treeRel) error {
 	p := m.plan
 	tbl := ident(p.Schema, p.Table)
-	owned, err := m.q(ctx, tx, `select d.objid::regclass::text, a.attname from pg_depend d
+	oids := make([]uint32, len(rels))
+	names := make(map[string]string, len(rels))
+	for i, r := range rels {
+		oids[i] = r.oid
+		names[fmt.Sprint(r.oid)] = r.ident
+	}
+	owned, err := m.q(ctx, tx, `select d.objid::regclass::text, a.attname, d.refobjid::text from pg_depend d
 		join pg_class s on s.oid = d.objid and s.relkind = 'S'
 		join pg_attribute a on a.attrelid = d.refobjid and a.attnum = d.refobjsubid
-		where d.classid = 'pg_class'::regclass and d.refclassid = 'pg_class'::regclass and d.refobjid = $1 and d.deptype = 'a'`, p.TableID)
+		where d.classid = 'pg_class'::regclass and d.refclassid = 'pg_class'::regclass and d.refobjid = any($1::oid[]) and d.deptype = 'a'
+		order by 3, 1`, oids)
 	if err != nil {
 		return err
 	}
 	for _, o := range owned {
 		d.before = append(d.before, "ALTER SEQUENCE "+o[0]+" OWNED BY NONE")
-		d.after = append(d.after, "ALTER SEQUENCE "+o[0]+" OWNED BY "+tbl+"."+qi(p.renamedTo(o[1])))
+		d.after = append(d.after, "ALTER SEQUENCE "+o[0]+" OWNED BY "+names[o[2]]+"."+qi(p.renamedTo(o[1])))
 	}
 	ids, err := m.q(ctx, tx, `select a.attname, pg_get_serial_sequence($2, a.attname),
 		coalesce(pg_get_serial_sequence($3, a.attname), '')
@@ -599,10 +770,13 @@ func (m *migration) nameSet(ctx context.Context, tx pgx.Tx, query string, args .
 // UNIQUE or EXCLUDE constraint bears its index's name, which the switch
 // restores), triggers, rules, policies, extended statistics. A comment on
 // what the ALTER dropped goes with it.
-func (m *migration) tableComments(ctx context.Context, tx pgx.Tx, d *dependents, newCol func(string) (string, bool)) ([]string, error) {
-	p := m.plan
-	oid := p.TableID
-	tbl := ident(p.Schema, p.Table)
+//
+// finalIdx maps the table's index names to their names on the new table;
+// readded names the constraints the switch adds back to it.
+func (m *migration) tableComments(ctx context.Context, tx pgx.Tx, d *dependents, r treeRel, newCol func(string) (string, bool),
+	finalIdx map[string]string, readded []string) ([]string, error) {
+	oid := r.oid
+	tbl := r.ident
 	com, err := m.q(ctx, tx, `select 'TABLE', '', description from pg_description where objoid = $1 and classoid = 'pg_class'::regclass and objsubid = 0
 		union all select 'COLUMN', a.attname, d.description from pg_description d join pg_attribute a on a.attrelid = d.objoid and a.attnum = d.objsubid
 		  where d.objoid = $1 and d.classoid = 'pg_class'::regclass and d.objsubid > 0
@@ -614,23 +788,14 @@ func (m *migration) tableComments(ctx context.Context, tx pgx.Tx, d *dependents,
 	if err != nil {
 		return nil, err
 	}
-	finalIdx := map[string]string{}
-	for _, si := range p.Indexes {
-		if si.OrigName != "" {
-			finalIdx[si.OrigName] = si.Final
-		}
-	}
 	// Constraints other than keys keep their names: those on the shadow now
 	// and those the switch adds back.
-	cons, err := m.nameSet(ctx, tx, `select conname from pg_constraint where conrelid = $1::regclass`, m.shadowIdent())
+	cons, err := m.nameSet(ctx, tx, `select conname from pg_constraint where conrelid = $1::regclass`, r.shadow)
 	if err != nil {
 		return nil, err
 	}
-	for _, c := range p.Checks {
-		cons[c.Name] = true
-	}
-	for _, f := range p.FKs {
-		cons[f.Name] = true
+	for _, c := range readded {
+		cons[c] = true
 	}
 	var out []string
 	for _, c := range com {
@@ -643,7 +808,7 @@ func (m *migration) tableComments(ctx context.Context, tx pgx.Tx, d *dependents,
 			}
 		case "INDEX":
 			if f, ok := finalIdx[c[1]]; ok {
-				out = append(out, "COMMENT ON INDEX "+ident(p.Schema, f)+" IS "+quoteLiteral(c[2]))
+				out = append(out, "COMMENT ON INDEX "+ident(r.schema, f)+" IS "+quoteLiteral(c[2]))
 			}
 		case "KEY":
 			if f, ok := finalIdx[c[1]]; ok {

@@ -997,33 +997,73 @@ func (m *migration) inheritedShadow(ctx context.Context, tx pgx.Tx, pt partition
 }
 
 // checkTree refuses a partition or inheritance tree with what the switch
-// would not carry over to the new tables below the root: their own
-// triggers, rules, policies, foreign keys, publications and dependent
-// views (the root's are re-created; the partitions' clones come with the
-// root's), and what inheritance trees do not support yet.
+// cannot carry over to the new tables below the root, and what inheritance
+// trees do not support yet. The tables' own triggers, rules, policies,
+// foreign keys (outbound and inbound), publication membership, statistics,
+// views and functions over them are re-created by the switch as the root's
+// are (dependents.go). Refused: materialized views over one of them
+// (re-creating one would hold the lock for a full refresh), other users of
+// their row types (a column of another table, a domain, ...: their values
+// are of the old type), and before PostgreSQL 18 a foreign key of a
+// partitioned table below the root or from a partitioned table to one of
+// them (it cannot be re-added NOT VALID, and validating it would scan under
+// the switch's lock).
 func (m *migration) checkTree(ctx context.Context, tx pgx.Tx, p *plan) error {
 	if len(p.Partitions) == 0 {
 		return nil
 	}
-	oids := oidsOf(p.Partitions)
-	rows, err := m.q(ctx, tx, `select x.what || ' ' || x.name || ' on ' || x.rel::regclass::text from (
-		select 'trigger' as what, tgname::text as name, tgrelid as rel from pg_trigger
-		  where tgrelid = any($1::oid[]) and not tgisinternal and tgparentid = 0 and tgname not in ($2, $3)
-		union all select 'rule', rulename::text, ev_class from pg_rewrite where ev_class = any($1::oid[]) and rulename <> '_RETURN'
-		union all select 'policy', polname::text, polrelid from pg_policy where polrelid = any($1::oid[])
-		union all select 'foreign key', conname::text, conrelid from pg_constraint
-		  where contype = 'f' and conparentid = 0 and (conrelid = any($1::oid[]) or confrelid = any($1::oid[]))
-		union all select 'publication', p.pubname::text, r.prrelid from pg_publication_rel r join pg_publication p on p.oid = r.prpubid
-		  where r.prrelid = any($1::oid[])
-		union all select distinct 'view', v.oid::regclass::text, d.refobjid from pg_depend d join pg_rewrite w on w.oid = d.objid
-		  join pg_class v on v.oid = w.ev_class where d.classid = 'pg_rewrite'::regclass and d.refclassid = 'pg_class'::regclass
-		  and d.refobjid = any($1::oid[]) and v.oid <> d.refobjid) x order by 1 limit 1`, oids, triggerName, truncTriggerName)
+	for _, pt := range p.Partitions {
+		rel := ident(pt.Schema, pt.Name)
+		var mv, users string
+		if err := tx.QueryRow(ctx, qMatViews, pt.OID).Scan(&mv); err != nil {
+			return fmt.Errorf("look for materialized views on %s: %w", rel, err)
+		}
+		if mv != "" {
+			return fmt.Errorf("%w: materialized view(s) %s depend on %s, a table of the tree of %s; drop them first (re-creating them would hold the lock for a full refresh)",
+				ErrBadCommand, mv, rel, m.tableRef())
+		}
+		if err := tx.QueryRow(ctx, qRowtypeUsers, pt.OID).Scan(&users); err != nil {
+			return fmt.Errorf("look for users of the row type of %s: %w", rel, err)
+		}
+		if users != "" {
+			return fmt.Errorf("%w: the row type of %s, a table of the tree of %s, is used by %s; the new table would have another row type, so these must be changed or dropped first",
+				ErrBadCommand, rel, m.tableRef(), users)
+		}
+	}
+	if p.Partitions[0].Inherit {
+		// Each child is copied and caught up from its own rows (ONLY), as
+		// the root's owner: a child's row-level security policies would
+		// apply to those reads (unlike a partition's, read through its
+		// parent) and hide rows from the copy.
+		var rls string
+		if err := tx.QueryRow(ctx, `select coalesce(min(c.oid::regclass::text), '') from pg_class c, pg_class root
+			where c.oid = any($1::oid[]) and root.oid = $2 and c.relrowsecurity
+			  and (c.relforcerowsecurity or c.relowner <> root.relowner)
+			  and not exists (select 1 from pg_roles r where r.oid = root.relowner and (r.rolsuper or r.rolbypassrls))`,
+			oidsOf(p.Partitions), p.TableID).Scan(&rls); err != nil {
+			return fmt.Errorf("check row-level security of the tree: %w", err)
+		}
+		if rls != "" {
+			return fmt.Errorf("%w: inheritance child %s has row-level security that applies to the owner of %s, who copies its rows; "+
+				"disable it (or its FORCE) during the migration, or give the owner BYPASSRLS", ErrBadCommand, rls, m.tableRef())
+		}
+	}
+	var ver int
+	if err := tx.QueryRow(ctx, "select current_setting('server_version_num')::int").Scan(&ver); err != nil {
+		return err
+	}
+	if ver >= 180000 {
+		return nil
+	}
+	rows, err := m.q(ctx, tx, `select c.conname::text, c.conrelid::regclass::text from pg_constraint c join pg_class r on r.oid = c.conrelid
+		where c.contype = 'f' and c.conparentid = 0 and r.relkind = 'p' and c.conrelid <> $2
+		  and (c.conrelid = any($1::oid[]) or c.confrelid = any($1::oid[])) order by 2, 1 limit 1`, oidsOf(p.Partitions), p.TableID)
 	if err != nil {
-		return fmt.Errorf("check the tables of the tree: %w", err)
+		return fmt.Errorf("check the foreign keys of the tree: %w", err)
 	}
 	if len(rows) > 0 {
-		return fmt.Errorf("%w: %s: objects on a partition or child table are not carried over to the new table; "+
-			"move them to %s or drop them first", ErrBadCommand, rows[0][0], m.tableRef())
+		return fmt.Errorf("%w: foreign key %s on partitioned table %s: before PostgreSQL 18 it cannot be re-added NOT VALID at the switch "+
+			"(validating it there would scan under the lock); drop it first and add it back after", ErrBadCommand, rows[0][0], rows[0][1])
 	}
 	return nil
 }
@@ -1043,19 +1083,24 @@ func deferral(deferrable, deferred bool) string {
 // column that a publication's column list or row filter uses (subscribers
 // and the filter were defined against the old type).
 func (m *migration) checkPublished(ctx context.Context, tx pgx.Tx, p *plan) error {
-	rows, err := m.q(ctx, tx, `select distinct a.attname, pub.pubname, format_type(a.atttypid, a.atttypmod)
+	// Every table of a tree is published on its own (a partition, a child).
+	shadows := map[string]string{fmt.Sprint(p.TableID): ident(p.Schema, p.Shadow)}
+	for _, pt := range p.Partitions {
+		shadows[fmt.Sprint(pt.OID)] = ident(pt.Schema, partShadow(pt))
+	}
+	rows, err := m.q(ctx, tx, `select distinct a.attname, pub.pubname, format_type(a.atttypid, a.atttypmod), d.refobjid::text
 		from pg_depend d join pg_publication_rel r on r.oid = d.objid
 		join pg_publication pub on pub.oid = r.prpubid
 		join pg_attribute a on a.attrelid = d.refobjid and a.attnum = d.refobjsubid
 		where d.classid = 'pg_publication_rel'::regclass and d.refclassid = 'pg_class'::regclass
-		  and d.refobjid = $1 and d.refobjsubid > 0 order by 1, 2`, p.TableID)
+		  and d.refobjid = any($1::oid[]) and d.refobjsubid > 0 order by 1, 2`, append([]uint32{p.TableID}, oidsOf(p.Partitions)...))
 	if err != nil || len(rows) == 0 {
 		return err
 	}
 	for _, r := range rows {
 		var typ *string
 		if err := tx.QueryRow(ctx, `select format_type(atttypid, atttypmod) from pg_attribute
-			where attrelid = $1::regclass and attname = $2 and not attisdropped`, ident(p.Schema, p.Shadow), m.cmd.RenamedTo(r[0])).Scan(&typ); err != nil && !errors.Is(err, pgx.ErrNoRows) {
+			where attrelid = $1::regclass and attname = $2 and not attisdropped`, shadows[r[3]], m.cmd.RenamedTo(r[0])).Scan(&typ); err != nil && !errors.Is(err, pgx.ErrNoRows) {
 			return err
 		}
 		if typ != nil && *typ != r[2] {
