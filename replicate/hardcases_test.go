@@ -144,3 +144,32 @@ func TestRunsAsOwner(t *testing.T) {
 		t.Fatalf("owner is %s", got)
 	}
 }
+
+// FORCE ROW LEVEL SECURITY subjects the owner, who copies the rows, to the
+// policies: the job is refused up front rather than copying only the rows
+// they show. Without FORCE the owner sees every row and the job runs.
+func TestForcedRowSecurity(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	role := fmt.Sprintf("tat_rls_%d", time.Now().UnixNano())
+	e.exec("create role " + role)
+	t.Cleanup(func() { e.pool.Exec(t.Context(), "drop owned by "+role+" cascade; drop role "+role) })
+	e.exec(fmt.Sprintf(`grant create on schema public to %[1]s;
+		create table sec (id int primary key, n int);
+		insert into sec select g, g from generate_series(1, 500) g;
+		alter table sec owner to %[1]s;
+		alter table sec enable row level security; alter table sec force row level security;
+		create policy few on sec using (id <= 10)`, role))
+	err := e.run(opts("alter table sec alter column n type bigint"))
+	if !errors.Is(err, replicate.ErrBadCommand) || !strings.Contains(err.Error(), "FORCE ROW LEVEL SECURITY") {
+		t.Fatalf("want a refusal naming FORCE ROW LEVEL SECURITY, got %v", err)
+	}
+	e.assertNoLeftovers("sec")
+	e.exec("alter table sec no force row level security")
+	if err := e.run(opts("alter table sec alter column n type bigint")); err != nil {
+		t.Fatal(err)
+	}
+	if got := e.str("select count(*) from sec"); got != "500" {
+		t.Fatalf("%s rows after the migration, want 500", got)
+	}
+}

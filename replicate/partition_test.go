@@ -2,11 +2,16 @@ package replicate_test
 
 import (
 	"context"
+	"errors"
 	"regexp"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/pgtat/pg_tat/internal/testpg"
+	"github.com/pgtat/pg_tat/replicate"
 )
 
 // A multi-level partitioned table (list, then hash; a default partition;
@@ -180,4 +185,41 @@ create table ctl as select * from m;`
 	}
 	online.assertSame("m", "ctl", "id, region, n, v")
 	online.assertNoLeftovers("m")
+}
+
+// Before PostgreSQL 18 a partitioned table's foreign keys (its own, or
+// those of a partitioned table referencing the migrated one) cannot be
+// re-added NOT VALID: refused up front, nothing created. On 18 they are
+// carried over and validated.
+func TestPartitionedForeignKeys(t *testing.T) {
+	t.Parallel()
+	for name, setup := range map[string]string{
+		"outbound": `create table ref (id int primary key); insert into ref select generate_series(1, 10);
+			create table m (id int not null, r int references ref, n int, primary key (id, r)) partition by list (r);
+			create table m_1 partition of m for values in (1); create table m_rest partition of m default;
+			insert into m select g, 1 + g % 10, g from generate_series(1, 1000) g`,
+		"inbound": `create table m (id int primary key, n int);
+			insert into m select g, g from generate_series(1, 1000) g;
+			create table refs (id int not null, m_id int references m, primary key (id)) partition by range (id);
+			create table refs_1 partition of refs for values from (minvalue) to (maxvalue);
+			insert into refs select g, g from generate_series(1, 100) g`,
+	} {
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t)
+			e.exec(setup)
+			err := e.run(opts("alter table m alter column n type bigint"))
+			if testpg.Version(t) >= 180000 {
+				if err != nil {
+					t.Fatal(err)
+				}
+				if got := e.str("select count(*) from pg_constraint where contype = 'f' and not convalidated"); got != "0" {
+					t.Fatalf("%s foreign keys left NOT VALID", got)
+				}
+			} else if !errors.Is(err, replicate.ErrBadCommand) || !strings.Contains(err.Error(), "before PostgreSQL 18") {
+				t.Fatalf("want a refusal, got %v", err)
+			}
+			e.assertNoLeftovers("m")
+		})
+	}
 }

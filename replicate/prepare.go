@@ -238,6 +238,18 @@ func (m *migration) prepare(ctx context.Context) error {
 		t.OID).Scan(&rowSec, &forceSec, &replIdent); err != nil {
 		return fmt.Errorf("read table flags: %w", err)
 	}
+	if rowSec && forceSec {
+		var bypass bool
+		if err := tx.QueryRow(ctx, `select rolsuper or rolbypassrls from pg_roles where rolname = $1`, t.Owner).Scan(&bypass); err != nil {
+			return fmt.Errorf("read the owner of %s: %w", t.ident(), err)
+		}
+		if !bypass {
+			// The copy reads as the owner, whom FORCE subjects to the
+			// policies: it would see only the rows they let it see.
+			return fmt.Errorf("%w: %s has FORCE ROW LEVEL SECURITY and its owner %s is subject to its policies, so the copy could not read every row; "+
+				"run ALTER TABLE ... NO FORCE ROW LEVEL SECURITY during the migration, or give %[3]s BYPASSRLS", ErrBadCommand, m.tableRef(), t.Owner)
+		}
+	}
 	if rowSec {
 		stmts = append(stmts, "ALTER TABLE "+shadow+" ENABLE ROW LEVEL SECURITY")
 	}
@@ -378,6 +390,9 @@ func (m *migration) prepare(ctx context.Context) error {
 	fks, err := m.q(ctx, tx, `select conname, pg_get_constraintdef(oid) from pg_constraint
 		where conrelid = $1 and contype = 'f' order by conname`, t.OID)
 	if err != nil {
+		return err
+	}
+	if err := m.checkPartitionedFKs(ctx, tx, p, len(fks)); err != nil {
 		return err
 	}
 	for _, f := range fks {
@@ -1107,6 +1122,34 @@ func (m *migration) checkPublished(ctx context.Context, tx pgx.Tx, p *plan) erro
 			return fmt.Errorf("%w: cannot alter type of column %s: publication %s uses it in its column list or row filter (PostgreSQL refuses the same in place)",
 				ErrBadCommand, r[0], r[1])
 		}
+	}
+	return nil
+}
+
+// checkPartitionedFKs: before PostgreSQL 18 a foreign key of a partitioned
+// table cannot be added NOT VALID, so neither the table's own (outbound)
+// keys nor those of partitioned tables referencing it could be re-created
+// at the switch without a validating scan under the lock.
+func (m *migration) checkPartitionedFKs(ctx context.Context, tx pgx.Tx, p *plan, outbound int) error {
+	var ver int
+	if err := tx.QueryRow(ctx, "select current_setting('server_version_num')::int").Scan(&ver); err != nil {
+		return err
+	}
+	if ver >= 180000 {
+		return nil
+	}
+	if m.t.Kind == "p" && outbound > 0 {
+		return fmt.Errorf("%w: partitioned table %s has foreign keys: before PostgreSQL 18 they cannot be re-added NOT VALID at the switch "+
+			"(validating them there would scan under the lock); drop them first and add them back after", ErrBadCommand, m.tableRef())
+	}
+	rows, err := m.q(ctx, tx, `select c.conname::text, c.conrelid::regclass::text from pg_constraint c join pg_class r on r.oid = c.conrelid
+		where c.contype = 'f' and c.conparentid = 0 and r.relkind = 'p' and c.confrelid = $1 and c.conrelid <> $1 order by 2, 1 limit 1`, p.TableID)
+	if err != nil {
+		return fmt.Errorf("check the foreign keys referencing %s: %w", m.tableRef(), err)
+	}
+	if len(rows) > 0 {
+		return fmt.Errorf("%w: foreign key %s of partitioned table %s references %s: before PostgreSQL 18 it cannot be re-added NOT VALID at the switch "+
+			"(validating it there would scan under the lock); drop it first and add it back after", ErrBadCommand, rows[0][0], rows[0][1], m.tableRef())
 	}
 	return nil
 }
