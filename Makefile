@@ -46,7 +46,8 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzParseCommand -fuzztime $(FUZZTIME) ./replicate/
 
 # demo starts a throwaway PostgreSQL, installs schema tat, starts tatd and
-# prints the psql line; Ctrl-C stops everything.
+# runs the main job under a writer (status, timeline, result); on a terminal
+# it then stays up for psql until Ctrl-C, otherwise it exits.
 demo: deps build
 	$(GO) run ./internal/demo
 
