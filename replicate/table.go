@@ -324,18 +324,16 @@ func loadColumns(ctx context.Context, conn querier, oid uint32, schema, name str
 // treeFingerprint is qFingerprint of the table and of every table of its
 // partition or inheritance tree: DDL on any of them fails the switch.
 func treeFingerprint(ctx context.Context, q querier, root uint32, parts []partition) (string, error) {
-	var fps []string
-	for _, oid := range append([]uint32{root}, oidsOf(parts)...) {
-		var fp string
-		if err := q.QueryRow(ctx, qFingerprint, oid).Scan(&fp); err != nil {
-			return "", err
-		}
-		fps = append(fps, fp)
+	var fp string
+	if len(parts) == 0 {
+		err := q.QueryRow(ctx, qFingerprint, root).Scan(&fp)
+		return fp, err
 	}
-	if len(fps) == 1 {
-		return fps[0], nil
-	}
-	return strings.Join(fps, ","), nil
+	// One round trip for the whole tree: the switch runs it under its lock.
+	tree := strings.Replace(qFingerprint, "$1", "u.oid", -1)
+	err := q.QueryRow(ctx, `select string_agg((`+tree+`), ',' order by u.ord)
+		from unnest($1::oid[]) with ordinality u(oid, ord)`, append([]uint32{root}, oidsOf(parts)...)).Scan(&fp)
+	return fp, err
 }
 
 func oidsOf(parts []partition) []uint32 {
