@@ -132,12 +132,21 @@ func (m *migration) swap(ctx context.Context, tx pgx.Tx) (*dependents, error) {
 		return nil, err
 	}
 	run := func(what string, stmts []string) error {
+		b := &pgx.Batch{}
 		for _, s := range stmts {
-			if _, err := m.exec(ctx, tx, s); err != nil {
+			if m.opts.ShowQueries != nil {
+				m.opts.ShowQueries(s)
+			}
+			b.Queue(s)
+		}
+		br := tx.SendBatch(ctx, b)
+		for _, s := range stmts {
+			if _, err := br.Exec(); err != nil {
+				br.Close()
 				return fmt.Errorf("%s: %s: %w", what, s, err)
 			}
 		}
-		return nil
+		return br.Close()
 	}
 	if err := m.switchCommand(ctx, tx, m.opts.CommandBeforeSwitch, "command before switch"); err != nil {
 		return nil, err

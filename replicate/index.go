@@ -2,10 +2,14 @@ package replicate
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strconv"
+	"strings"
+	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // buildIndexes builds the shadow's indexes (as the ALTER left them) with
@@ -131,7 +135,28 @@ func (m *migration) assemblePartitioned(ctx context.Context, tx pgx.Tx, si shado
 	return nil
 }
 
+// buildIndex builds one index, retrying a build that failed with "missing
+// chunk number ... for toast value": CREATE INDEX evaluates expressions
+// also for rows dead only to its own, older horizon (rows the settle or
+// catch-up replaced), whose TOAST chunks page pruning may already have
+// removed. A new attempt takes a newer horizon and skips those rows.
 func (m *migration) buildIndex(ctx context.Context, si shadowIndex) error {
+	for attempt := 1; ; attempt++ {
+		err := m.buildIndexOnce(ctx, si)
+		var pe *pgconn.PgError
+		if err == nil || attempt == 3 || !errors.As(err, &pe) || pe.Code != "XX001" || !strings.Contains(pe.Message, "toast") {
+			return err
+		}
+		m.event(ctx, PhaseIndex, fmt.Sprintf("build of index %s read a replaced row's TOAST value that was already pruned; building it again", si.Final))
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+func (m *migration) buildIndexOnce(ctx context.Context, si shadowIndex) error {
 	conn, err := m.pool.Acquire(ctx)
 	if err != nil {
 		return err
