@@ -145,36 +145,11 @@ create table ctl as select * from m;`
 	inPlace.exec(schema)
 	inPlace.exec(alter)
 	online.exec(schema)
-	var stop atomic.Bool
-	var wg sync.WaitGroup
-	var ops atomic.Int64
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		ctx := context.Background()
-		for i := 0; !stop.Load(); i++ {
-			tx, err := online.pool.Begin(ctx)
-			if err != nil {
-				return
-			}
-			id := 1 + i*53%5000
-			_, err1 := tx.Exec(ctx, "update m set n = n + 1, region = (region + 2) % 4 where id = $1", id)
-			_, err2 := tx.Exec(ctx, "update ctl set n = n + 1, region = (region + 2) % 4 where id = $1", id)
-			if err1 == nil && err2 == nil && tx.Commit(ctx) == nil {
-				ops.Add(1)
-			} else {
-				_ = tx.Rollback(ctx)
-			}
-		}
-	}()
+	stop := online.pairWriter(t, "update %s set n = n + 1, region = (region + 2) %% 4 where id = $1", "m", "ctl", 5000)
 	err := online.run(opts(alter))
-	stop.Store(true)
-	wg.Wait()
+	stop()
 	if err != nil {
 		t.Fatal(err)
-	}
-	if ops.Load() == 0 {
-		t.Fatal("writer wrote nothing")
 	}
 	want, got := inPlace.snapshot(t), online.snapshot(t)
 	if want != got {
