@@ -117,6 +117,11 @@ func inheritanceTree(t *testing.T, schema, alter, capture, want string) {
 	online.assertNoLeftovers("ih_a")
 }
 
+// treeCounts: rows per table of the ih tree, and how many of them the
+// truncate tests' writes left (rows/written).
+const treeCounts = `select string_agg(tableoid::regclass::text || ':' || n, ' ' order by tableoid::regclass::text) from (
+	select tableoid, count(*) || '/' || count(*) filter (where v in ('u', 'ub', 'new', 'new a1')) n from ih group by tableoid) x`
+
 // TRUNCATE in an inheritance tree empties exactly the tables it names (ONLY
 // one, or one with its children); cleanup of a stopped job removes the
 // capture triggers from every table and the shadows of every child.
@@ -142,9 +147,7 @@ func TestInheritanceTruncateAndCleanup(t *testing.T) {
 	if err := e.run(o); err != nil {
 		t.Fatal(err)
 	}
-	const counts = `select string_agg(tableoid::regclass::text || ':' || n, ' ' order by tableoid::regclass::text) from (
-		select tableoid, count(*) || '/' || count(*) filter (where v in ('u', 'ub', 'new', 'new a1')) n from ih group by tableoid) x`
-	if got := e.str(counts); got != "ih:1/1 ih_a1:1/1 ih_b:500/2" {
+	if got := e.str(treeCounts); got != "ih:1/1 ih_a1:1/1 ih_b:500/2" {
 		t.Fatalf("after truncates: %s", got)
 	}
 	e.assertNoLeftovers("ih")
@@ -221,36 +224,14 @@ func TestInheritanceTruncateLogical(t *testing.T) {
 		insert into ih_a select g, 'a' from generate_series(1, 500) g;
 		insert into ih_a1 select g, 'a1' from generate_series(1, 500) g;
 		insert into ih_b select g, 'b' from generate_series(1, 500) g`)
-	ev := &events{}
-	waiting := make(chan struct{})
-	var once sync.Once
-	ev.on = func(msg string) {
-		if strings.Contains(msg, "waiting for a manual switch") {
-			once.Do(func() { close(waiting) })
-		}
-	}
-	o := logicalOpts("alter table ih alter column v type varchar(10)")
-	o.ManualSwitch = true
-	gate := switchGate{open: make(chan struct{})}
-	done := make(chan error, 1)
-	go func() { done <- replicate.Run(context.Background(), e.pool, o, ev, gate) }()
-	select {
-	case <-waiting:
-	case err := <-done:
-		t.Fatalf("the run ended before waiting for the switch: %v", err)
-	case <-time.After(60 * time.Second):
-		t.Fatal("the run never waited for the switch")
-	}
+	_, switchNow := untilManualSwitch(t, e, logicalOpts("alter table ih alter column v type varchar(10)"))
 	e.exec(`update ih set v = 'u' where id = 5; truncate only ih; insert into ih values (7, 'new');
 		truncate ih_a; insert into ih_a1 values (9, 'new a1'); update ih_b set v = 'ub' where id = 3`)
 	time.Sleep(700 * time.Millisecond)
-	close(gate.open)
-	if err := <-done; err != nil {
+	if err := switchNow(); err != nil {
 		t.Fatal(err)
 	}
-	const counts = `select string_agg(tableoid::regclass::text || ':' || n, ' ' order by tableoid::regclass::text) from (
-		select tableoid, count(*) || '/' || count(*) filter (where v in ('u', 'ub', 'new', 'new a1')) n from ih group by tableoid) x`
-	if got := e.str(counts); got != "ih:1/1 ih_a1:1/1 ih_b:500/2" {
+	if got := e.str(treeCounts); got != "ih:1/1 ih_a1:1/1 ih_b:500/2" {
 		t.Fatalf("after truncates: %s", got)
 	}
 	e.assertNoLeftovers("ih")

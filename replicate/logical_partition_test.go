@@ -183,38 +183,17 @@ func TestLogicalPartitionTruncate(t *testing.T) {
 	run := func(t *testing.T, cmd string, steps [][]string, replayed []string) {
 		t.Helper()
 		e := &env{t: t, url: e.url, pool: e.pool} // fail this subtest, not its parent
-		ev := &events{}
-		waiting := make(chan struct{})
-		var once sync.Once
-		ev.on = func(msg string) {
-			if strings.Contains(msg, "waiting for a manual switch") {
-				once.Do(func() { close(waiting) })
-			}
-		}
-		o := logicalOpts(cmd)
-		o.ManualSwitch = true
-		gate := switchGate{open: make(chan struct{})}
-		done := make(chan error, 1)
-		go func() { done <- replicate.Run(context.Background(), e.pool, o, ev, gate) }()
-		select {
-		case <-waiting:
-		case err := <-done:
-			t.Fatalf("the run ended before waiting for the switch: %v", err)
-		case <-time.After(60 * time.Second):
-			t.Fatal("the run never waited for the switch")
-		}
+		ev, switchNow := untilManualSwitch(t, e, logicalOpts(cmd))
 		for _, st := range steps {
 			if err := e.onBoth(tables, st...); err != nil {
-				close(gate.open)
-				<-done
+				_ = switchNow()
 				t.Fatal(err)
 			}
 		}
 		// Let the catch-up rounds of the wait apply some of it; the
 		// switch applies the rest under its lock.
 		time.Sleep(700 * time.Millisecond)
-		close(gate.open)
-		if err := <-done; err != nil {
+		if err := switchNow(); err != nil {
 			t.Fatal(err)
 		}
 		e.assertSame("m", "ctl", "id, region, v, n")
@@ -298,4 +277,34 @@ func TestLogicalPartitionRefusals(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.assertNoCapture()
+}
+
+// untilManualSwitch runs the engine with o (switch: manual) until it waits
+// for the switch; switchNow lets it switch and returns how the run ended.
+func untilManualSwitch(t *testing.T, e *env, o replicate.Options) (ev *events, switchNow func() error) {
+	t.Helper()
+	ev = &events{}
+	waiting := make(chan struct{})
+	var once sync.Once
+	ev.on = func(msg string) {
+		if strings.Contains(msg, "waiting for a manual switch") {
+			once.Do(func() { close(waiting) })
+		}
+	}
+	o.ManualSwitch = true
+	gate := switchGate{open: make(chan struct{})}
+	done := make(chan error, 1)
+	go func() { done <- replicate.Run(context.Background(), e.pool, o, ev, gate) }()
+	select {
+	case <-waiting:
+	case err := <-done:
+		t.Fatalf("the run ended before waiting for the switch: %v", err)
+	case <-time.After(60 * time.Second):
+		close(gate.open)
+		t.Fatal("the run never waited for the switch")
+	}
+	return ev, func() error {
+		close(gate.open)
+		return <-done
+	}
 }

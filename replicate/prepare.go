@@ -301,8 +301,7 @@ func (m *migration) prepare(ctx context.Context) error {
 			if err != nil {
 				return err
 			}
-			stmts = append(stmts, s, "ALTER TABLE "+shadow+" ADD CONSTRAINT "+qi(tmp)+" "+
-				map[string]string{"p": "PRIMARY KEY", "u": "UNIQUE"}[contype]+" USING INDEX "+qi(tmp)+deferral(r[8] == "true", r[9] == "true"))
+			stmts = append(stmts, s, usingIndex(shadow, tmp, tmp, contype, r[8] == "true", r[9] == "true"))
 		case contype != "":
 			stmts = append(stmts, "ALTER TABLE "+shadow+" ADD CONSTRAINT "+qi(tmp)+" "+condef)
 		default:
@@ -373,8 +372,7 @@ func (m *migration) prepare(ctx context.Context) error {
 			stmts := []string{s}
 			switch on := ident(pt.Schema, partShadow(pt)); r[5] {
 			case "p", "u": // as for the root's: keeps the index's storage parameters and tablespace
-				stmts = append(stmts, "ALTER TABLE "+on+" ADD CONSTRAINT "+qi(tmp)+" "+
-					map[string]string{"p": "PRIMARY KEY", "u": "UNIQUE"}[r[5]]+" USING INDEX "+qi(tmp)+deferral(r[6] == "true", r[7] == "true"))
+				stmts = append(stmts, usingIndex(on, tmp, tmp, r[5], r[6] == "true", r[7] == "true"))
 			case "x":
 				stmts = []string{"ALTER TABLE " + on + " ADD CONSTRAINT " + qi(tmp) + " " + r[4]}
 			}
@@ -492,10 +490,7 @@ func (m *migration) capturePlan(ctx context.Context, tx pgx.Tx, p *plan, origFKs
 	for o, s := range p.IndexMap {
 		orig[s] = o
 	}
-	var ver int
-	if err := tx.QueryRow(ctx, "select current_setting('server_version_num')::int").Scan(&ver); err != nil {
-		return err
-	}
+	ver := m.t.Version
 	var drops []string
 	for _, r := range rows {
 		name, def, ts, contype, conname, condef := r[0], r[1], r[2], r[3], r[4], r[5]
@@ -544,11 +539,7 @@ func (m *migration) capturePlan(ctx context.Context, tx pgx.Tx, p *plan, origFKs
 				drops = append(drops, "DROP INDEX "+ident(si.Schema, name))
 			}
 		case contype == "p" || contype == "u":
-			kind := "PRIMARY KEY"
-			if contype == "u" {
-				kind = "UNIQUE"
-			}
-			si.Constraint = "ALTER TABLE " + on + " ADD CONSTRAINT " + qi(conname) + " " + kind + " USING INDEX " + qi(name) + deferral(r[8] == "true", r[9] == "true")
+			si.Constraint = usingIndex(on, conname, name, contype, r[8] == "true", r[9] == "true")
 			drops = append(drops, "ALTER TABLE "+on+" DROP CONSTRAINT "+qi(conname))
 		case contype == "x":
 			si.Exclusion = true
@@ -660,11 +651,7 @@ func (m *migration) partIndexes(ctx context.Context, tx pgx.Tx, oid, contype str
 		switch {
 		case contype == "" || r[9] == "":
 		case pi.Leaf:
-			kind := "PRIMARY KEY"
-			if contype == "u" {
-				kind = "UNIQUE"
-			}
-			pi.Constraint = "ALTER TABLE " + on + " ADD CONSTRAINT " + qi(pi.Name) + " " + kind + " USING INDEX " + qi(pi.Name) + deferral(deferrable, deferred)
+			pi.Constraint = usingIndex(on, pi.Name, pi.Name, contype, deferrable, deferred)
 		default:
 			pi.Constraint = "ALTER TABLE ONLY " + on + " ADD CONSTRAINT " + qi(pi.Name) + " " + r[9]
 		}
@@ -954,7 +941,7 @@ func columnMap(cols []column) map[string]column {
 // taken from the parent, with the child's own default, NOT NULL and column
 // options where they differ from the parent's.
 func (m *migration) inheritedShadow(ctx context.Context, tx pgx.Tx, pt partition, parent string, treeCols map[string]map[string]column) ([]string, error) {
-	cols, err := loadColumns(ctx, tx, pt.OID, pt.Schema, pt.Name)
+	cols, err := loadColumns(ctx, tx, m.t.Version, pt.OID, pt.Schema, pt.Name)
 	if err != nil {
 		return nil, fmt.Errorf("read columns of %s: %w", pt.Name, err)
 	}
@@ -1063,10 +1050,7 @@ func (m *migration) checkTree(ctx context.Context, tx pgx.Tx, p *plan) error {
 				"disable it (or its FORCE) during the migration, or give the owner BYPASSRLS", ErrBadCommand, rls, m.tableRef())
 		}
 	}
-	var ver int
-	if err := tx.QueryRow(ctx, "select current_setting('server_version_num')::int").Scan(&ver); err != nil {
-		return err
-	}
+	ver := m.t.Version
 	if ver >= 180000 {
 		return nil
 	}
@@ -1081,6 +1065,16 @@ func (m *migration) checkTree(ctx context.Context, tx pgx.Tx, p *plan) error {
 			"(validating it there would scan under the lock); drop it first and add it back after", ErrBadCommand, rows[0][0], rows[0][1])
 	}
 	return nil
+}
+
+// usingIndex is ALTER TABLE on ADD CONSTRAINT name PRIMARY KEY|UNIQUE USING
+// INDEX idx, for contype p or u, with its deferral.
+func usingIndex(on, name, idx, contype string, deferrable, deferred bool) string {
+	kind := "PRIMARY KEY"
+	if contype == "u" {
+		kind = "UNIQUE"
+	}
+	return "ALTER TABLE " + on + " ADD CONSTRAINT " + qi(name) + " " + kind + " USING INDEX " + qi(idx) + deferral(deferrable, deferred)
 }
 
 // deferral renders a constraint's DEFERRABLE clause.
@@ -1131,10 +1125,7 @@ func (m *migration) checkPublished(ctx context.Context, tx pgx.Tx, p *plan) erro
 // keys nor those of partitioned tables referencing it could be re-created
 // at the switch without a validating scan under the lock.
 func (m *migration) checkPartitionedFKs(ctx context.Context, tx pgx.Tx, p *plan, outbound int) error {
-	var ver int
-	if err := tx.QueryRow(ctx, "select current_setting('server_version_num')::int").Scan(&ver); err != nil {
-		return err
-	}
+	ver := m.t.Version
 	if ver >= 180000 {
 		return nil
 	}

@@ -40,6 +40,7 @@ type table struct {
 	PartKey      string // PARTITION BY clause of a partitioned table
 	Partitions   []partition
 	Parent       *parentTable // partial mode: the table is a partition or an inheritance child
+	Version      int          // server_version_num, read once with the table
 }
 
 // parentTable is the parent a partition or an inheritance child is attached
@@ -246,7 +247,10 @@ func loadTable(ctx context.Context, conn pgx.Tx, schema, name string) (*table, e
 	if err := loadPartitions(ctx, conn, t, rel); err != nil {
 		return nil, err
 	}
-	cols, err := loadColumns(ctx, conn, oid, t.Schema, t.Name)
+	if err := conn.QueryRow(ctx, "select current_setting('server_version_num')::int").Scan(&t.Version); err != nil {
+		return nil, err
+	}
+	cols, err := loadColumns(ctx, conn, t.Version, oid, t.Schema, t.Name)
 	if err != nil {
 		return nil, fmt.Errorf("read columns of %s: %w", rel, err)
 	}
@@ -295,11 +299,7 @@ select md5(concat_ws('|',
   (select relpersistence::text || reltablespace::text || coalesce(reloptions::text, '') from pg_class where oid = $1)))`
 
 // loadColumns reads a table's columns (qColumns).
-func loadColumns(ctx context.Context, conn querier, oid uint32, schema, name string) ([]column, error) {
-	var ver int
-	if err := conn.QueryRow(ctx, "select current_setting('server_version_num')::int").Scan(&ver); err != nil {
-		return nil, err
-	}
+func loadColumns(ctx context.Context, conn querier, ver int, oid uint32, schema, name string) ([]column, error) {
 	qCols := qColumns
 	if ver < 140000 {
 		qCols = strings.Replace(qCols, qColCompression, "''", 1)
