@@ -34,6 +34,7 @@ type Control struct {
 	changed    map[string]bool // a knob that differed once from base is always passed on
 	lastCheck  time.Time
 	lastReason string
+	refusedBy  string // requester whose throttle_query was refused (recorded once as an event)
 }
 
 var (
@@ -176,6 +177,14 @@ func (c *Control) throttleReason(ctx context.Context, lim limits) string {
 	}
 	if lim.throttleQuery != "" {
 		hold, err := c.runThrottleQuery(ctx, lim)
+		var refused *throttleRefusedError
+		if errors.As(err, &refused) {
+			// The job holds (the limit its requester asked for is not
+			// lifted silently) and says why, in throttle_reason and once in
+			// the timeline: tat.set(id, 'throttle_query', null) frees it.
+			c.recordRefusal(ctx, refused)
+			return truncate(fmt.Sprintf("throttle_query refused: %s (tat.set(%d, 'throttle_query', null) removes it)", refused.Error(), c.id), 200)
+		}
 		if err != nil {
 			if ctx.Err() != nil {
 				return ""
@@ -193,10 +202,42 @@ type beginner interface {
 	Begin(ctx context.Context) (pgx.Tx, error)
 }
 
+// throttleRefusedError: the job's requester is not a superuser, so its
+// throttle_query is not run (see runThrottleQuery).
+type throttleRefusedError struct{ requester string }
+
+func (e *throttleRefusedError) Error() string {
+	return fmt.Sprintf("requester %s is not a superuser", e.requester)
+}
+
+// recordRefusal logs a refused throttle_query and records it once (per
+// requester) in the job's timeline.
+func (c *Control) recordRefusal(ctx context.Context, e *throttleRefusedError) {
+	c.mu.Lock()
+	first := c.refusedBy != e.requester
+	c.refusedBy = e.requester
+	c.mu.Unlock()
+	if !first {
+		return
+	}
+	msg := fmt.Sprintf("throttle_query refused: %s, and the query would run inside tatd's own session, where SET ROLE can be undone; "+
+		"the job holds until tat.set(%d, 'throttle_query', null) removes the query", e.Error(), c.id)
+	c.log.WithField("job", c.id).Warn(msg)
+	if err := AddEvent(ctx, c.db, c.id, "", msg); err != nil {
+		c.log.WithError(err).Warn("throttle: record the refusal")
+	}
+}
+
+const sqlRequesterIsSuperuser = `select coalesce((select rolsuper from pg_roles where rolname = $1), false)`
+
 // runThrottleQuery runs the user's query with the rights of the job's
 // requester (SET LOCAL ROLE), in a read-only transaction of its own with a
 // short statement_timeout, and rolls it back. It never runs with tatd's
-// own rights: when the role cannot be assumed, it fails.
+// own rights: when the role cannot be assumed, it fails. Only for a
+// requester that is (still) a superuser: the query runs in tatd's session,
+// where it could undo the SET ROLE (RESET ROLE, set_config('role', ...));
+// tat.alter and tat.set refuse the option for other roles, and a requester
+// who lost the attribute since gets a *throttleRefusedError.
 func (c *Control) runThrottleQuery(ctx context.Context, lim limits) (bool, error) {
 	b, ok := c.db.(beginner)
 	if !ok {
@@ -204,6 +245,13 @@ func (c *Control) runThrottleQuery(ctx context.Context, lim limits) (bool, error
 	}
 	if lim.requester == "" {
 		return false, errors.New("the job has no requester")
+	}
+	var super bool
+	if err := c.db.QueryRow(ctx, sqlRequesterIsSuperuser, lim.requester).Scan(&super); err != nil {
+		return false, fmt.Errorf("check the requester %s: %w", lim.requester, err)
+	}
+	if !super {
+		return false, &throttleRefusedError{requester: lim.requester}
 	}
 	tx, err := b.Begin(ctx)
 	if err != nil {
