@@ -3,6 +3,7 @@ package sqlapi
 import (
 	"encoding/json"
 	"fmt"
+	"strings"
 
 	"github.com/pgtat/pg_tat/replicate"
 )
@@ -115,8 +116,82 @@ func Options(j Job) (replicate.Options, error) {
 		}
 	}
 	o.Continue = ContinuesEarlierRun(j)
+	if err := checkCommandTable(j); err != nil {
+		return o, err
+	}
 	if err := o.Validate(); err != nil {
 		return o, fmt.Errorf("options of migration %d: %w", j.ID, err)
 	}
 	return o, nil
+}
+
+// checkCommandTable refuses a job whose command, as the PostgreSQL parser
+// reads it, names another table than the one tat.alter resolved and checked
+// the requester's ownership of (table_name): tat.alter reads the name with a
+// simpler scanner, and the engine must not alter what was not checked. A
+// command the parser refuses is left to the engine's own refusal. (An
+// unqualified name is compared by its table name only: the schema it
+// resolves to depends on the search_path.)
+func checkCommandTable(j Job) error {
+	schema, table, ok := splitQualifiedName(j.TableName)
+	if !ok {
+		return nil
+	}
+	c, err := replicate.ParseCommand(j.Command)
+	if err != nil {
+		return nil
+	}
+	if c.Table != table || (c.Schema != "" && c.Schema != schema) {
+		named := c.Table
+		if c.Schema != "" {
+			named = c.Schema + "." + c.Table
+		}
+		return fmt.Errorf("migration %d: the command alters table %q, but it was queued for %s (whose ownership tat.alter checked)",
+			j.ID, named, j.TableName)
+	}
+	return nil
+}
+
+// splitQualifiedName splits schema.table as format('%I.%I') writes it.
+func splitQualifiedName(s string) (schema, table string, ok bool) {
+	var parts []string
+	for i := 0; i <= len(s); {
+		var b strings.Builder
+		if i < len(s) && s[i] == '"' {
+			i++
+			for {
+				if i >= len(s) {
+					return "", "", false
+				}
+				if s[i] == '"' {
+					if i+1 < len(s) && s[i+1] == '"' {
+						b.WriteByte('"')
+						i += 2
+						continue
+					}
+					i++
+					break
+				}
+				b.WriteByte(s[i])
+				i++
+			}
+		} else {
+			for i < len(s) && s[i] != '.' {
+				b.WriteByte(s[i])
+				i++
+			}
+		}
+		parts = append(parts, b.String())
+		if i == len(s) {
+			break
+		}
+		if s[i] != '.' {
+			return "", "", false
+		}
+		i++
+	}
+	if len(parts) != 2 || parts[0] == "" || parts[1] == "" {
+		return "", "", false
+	}
+	return parts[0], parts[1], true
 }
