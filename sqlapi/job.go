@@ -186,6 +186,9 @@ m as (
          throttle_reason = null,
          rows_per_second = case when t.state in ('done', 'failed', 'cancelled') then null else rows_per_second end,
          rate_at = null,
+         -- the switch replaced the table by its shadow (a new OID): follow
+         -- it, so that the table's owner keeps seeing the job (tat._may_control)
+         table_oid = case when t.state = 'done' then coalesce(to_regclass(table_name)::oid, table_oid) else table_oid end,
          updated_at = now()
     from t
    where id = $1 and runner = $2 and tat.migrations.state in ('running', 'waiting_switch', 'paused')
