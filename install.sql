@@ -23,10 +23,17 @@
 --     every other column is set by the BEFORE INSERT trigger, which validates
 --     the command and the options, so a direct INSERT is checked exactly like
 --     a call of tat.alter.
---   * PUBLIC has SELECT on tat.migrations under row level security: a role
---     sees the jobs it (or a role it is a member of) requested and the jobs on
---     tables it owns. Seeing a job is what allows controlling it (cancel,
---     pause, resume, switch, wait).
+--   * PUBLIC has SELECT on tat.migrations and tat.events under row level
+--     security: a role sees the jobs it (or a role it is a member of)
+--     requested and the jobs on tables it owns (tat._may_control; a job
+--     whose table is gone, by its requester only). Seeing a job is what
+--     allows controlling it (cancel, pause, resume, switch, set, wait).
+--   * PUBLIC has SELECT on the views tat.status, tat.progress, tat.errors and
+--     tat.phase_timings, which show each role the same jobs. A view reads
+--     its tables with its owner's rights (bypassing their row level
+--     security), so each filters on current_user itself (views with
+--     security_invoker need PostgreSQL 15), and each is a security_barrier
+--     (a caller's cheap leaky function is not run on the rows it hides).
 --   * Control functions are SECURITY INVOKER too; they insert a row into
 --     tat.requests (an audit log of who asked for what). Its BEFORE INSERT
 --     trigger (invoker rights) stamps requested_by = current_user and checks
@@ -35,11 +42,24 @@
 --     tat.migrations, records an event and notifies tatd.
 --   * Things a caller cannot read (is another job active on this table? what
 --     is the notify channel?) are answered by small SECURITY DEFINER helpers
---     with `set search_path = pg_catalog, pg_temp`.
---   * Everything else is revoked from PUBLIC. A monitoring role can be given
---     just `grant usage on schema tat, select on tat.status to monitor;`
---     (the view runs as its owner, so it shows every job); tat.events and
---     tat.errors can be granted the same way.
+--     with `set search_path = pg_catalog, pg_temp`, which take no SQL text and
+--     are not granted to PUBLIC unless harmless (tat._check_logical_capture).
+--     Every function has its search_path pinned, except tat.alter and the
+--     BEFORE INSERT trigger of tat.migrations, where the table name must
+--     resolve with the caller's search_path: the trigger does only that, with
+--     schema-qualified calls, and leaves the checks to tat._migrations_check.
+--   * Options that make tatd run the caller's SQL text in its own sessions
+--     (throttle_query, command_before_switch, command_after_switch) need a
+--     superuser (42501): there, the SET ROLE that would hold the SQL to the
+--     caller's rights can be undone by the SQL itself (RESET ROLE). tat.set
+--     refuses throttle_query the same way, and on jobs queued by another
+--     role than a superuser; tatd re-checks before it runs the query.
+--   * Everything else is revoked from PUBLIC. A monitoring role that must see
+--     every job (in all the views and in tat.events) is given
+--         grant usage on schema tat to monitor;
+--         grant select on tat.status to monitor;
+--     an explicit SELECT grant on tat.status (not PUBLIC's) is the
+--     monitoring grant (tat._sees_all); superusers see every job as well.
 --
 -- NOTIFY CHANNEL
 -- tatd listens on TAT_CHANNEL (default 'tat'). The triggers notify on the
@@ -59,7 +79,10 @@
 --                                      temporary tables, system schemas
 --   42P01 undefined_table              the table does not exist
 --   42809 wrong_object_type            not a plain or partitioned table
---   42501 insufficient_privilege       the caller does not own the table
+--   42501 insufficient_privilege       the caller does not own the table;
+--                                      throttle_query / command_before_switch /
+--                                      command_after_switch set by a role that
+--                                      is not a superuser
 --   55006 object_in_use                a migration on the table is active
 --   55000 object_not_in_prerequisite_state  control call in the wrong state
 --   P0002 no_data_found                unknown (or invisible) job id
@@ -222,24 +245,43 @@ create or replace function tat._notify(payload text) returns void
 language sql volatile security definer set search_path = pg_catalog, pg_temp
 as $$ select pg_notify(tat._channel(), payload) $$;
 
--- May role `who` see/control a job requested by `requester` on table `tbl`?
--- Members of the requesting role, and members of the table's owner (which
--- includes superusers). Used by the row level security policy (who =
--- current_user) and by the definer triggers (who = the stamped requester).
-create or replace function tat._may_control(who name, requester name, tbl oid) returns boolean
+-- May role `who` see/control a job requested by `requester` on table `tbl`,
+-- named `tbl_name` (schema-qualified, quoted) when it was queued? Superusers,
+-- members of the requesting role, and members of the owner of the table,
+-- as long as the table still exists under that name (an OID is reused once
+-- the table is dropped: a job whose table is gone is seen by its requester
+-- only). Used by the row level security policy of tat.migrations and the
+-- status views (who = current_user, the caller's current role: a view or a
+-- policy evaluates its functions as the querying role) and by the definer
+-- triggers (who = the stamped requester). Reads only world-readable catalogs.
+create or replace function tat._may_control(who name, requester name, tbl oid, tbl_name text) returns boolean
 language sql stable security invoker set search_path = pg_catalog, pg_temp
 as $$
     select exists (select from pg_roles w where w.rolname = who and w.rolsuper)
         or exists (select from pg_roles r, pg_roles w
                    where r.rolname = requester and w.rolname = who
                      and pg_has_role(w.oid, r.oid, 'MEMBER'))
-        or exists (select from pg_class c, pg_roles w
-                   where c.oid = tbl and w.rolname = who
-                     and pg_has_role(w.oid, c.relowner, 'MEMBER'))
+        or exists (select from pg_class c join pg_namespace n on n.oid = c.relnamespace, pg_roles w
+                   where c.oid = tbl and format('%I.%I', n.nspname, c.relname) = tbl_name
+                     and w.rolname = who and pg_has_role(w.oid, c.relowner, 'MEMBER'))
 $$;
 
--- The active migration on a table, if any (the caller cannot read other
--- roles' jobs, so this runs as the owner of schema tat).
+-- Does the caller's current role see every job in the status views? Yes for
+-- the roles given the monitoring grant, `grant select on tat.status to
+-- monitor` (an explicit grant, not PUBLIC's), their members and the owner of
+-- schema tat; superusers are let through by tat._may_control. Invoker
+-- rights: current_user is the querying role, also inside a view.
+create or replace function tat._sees_all() returns boolean
+language sql stable security invoker set search_path = pg_catalog, pg_temp
+as $$
+    select exists (select from pg_class c join pg_namespace n on n.oid = c.relnamespace, aclexplode(c.relacl) a
+                   where n.nspname = 'tat' and c.relname = 'status' and a.grantee <> 0 and a.privilege_type = 'SELECT'
+                     and pg_has_role(current_user, a.grantee, 'MEMBER'))
+$$;
+
+-- The active migration on a table, if any, whoever requested it: runs as
+-- the owner of schema tat, for the definer triggers only (not granted to
+-- PUBLIC: it would tell anyone the jobs on any table).
 create or replace function tat._active_job(tbl oid, out id bigint, out state text)
 language sql stable security definer set search_path = pg_catalog, pg_temp
 as $$
@@ -391,21 +433,26 @@ begin
 end
 $$;
 
--- Resolves the table an ALTER TABLE command works on. Raises 0A000 when the
--- command is not an ALTER TABLE, 42601 when the name cannot be parsed, 42P01
--- when the table does not exist.
--- Not search_path-pinned: the name resolves with the caller's search_path.
-create or replace function tat._command_table(cmd text) returns regclass
-language plpgsql stable
+-- The name of the table an ALTER TABLE command works on, quoted and as
+-- written (qualified or not), for the caller to resolve: NULL for an empty
+-- command. Raises 42601 when more than one statement is given or the name
+-- cannot be parsed, 0A000 when the command is not an ALTER TABLE.
+-- (Earlier versions resolved the name here, without a pinned search_path:
+-- the caller's search_path could then replace the functions it calls.)
+drop function if exists tat._command_table(text);
+create or replace function tat._command_table_name(cmd text) returns text
+language plpgsql immutable set search_path = pg_catalog, pg_temp
 as $$
 declare
-    s     text := cmd;
+    s     text;
     p     int;
     m     text[];
     parts text[];
-    qname text;
-    rel   regclass;
 begin
+    if cmd is null or btrim(cmd, E' \t\r\n\f;') = '' then
+        return null;
+    end if;
+    s := tat._single_statement(cmd);
     -- skip leading blanks and comments
     loop
         s := ltrim(s, E' \t\r\n\f');
@@ -439,13 +486,7 @@ begin
             message = format('cannot read the table name in %L', left(s, 60)),
             detail = sqlerrm;
     end;
-    select string_agg(quote_ident(x), '.' order by o) into qname
-    from unnest(parts) with ordinality as u(x, o);
-    rel := to_regclass(qname);
-    if rel is null then
-        raise exception using errcode = '42P01', message = format('relation "%s" does not exist', qname);
-    end if;
-    return rel;
+    return (select string_agg(quote_ident(x), '.' order by o) from unnest(parts) with ordinality as u(x, o));
 end
 $$;
 
@@ -582,26 +623,71 @@ $$;
 -- triggers on tat.migrations
 -- ---------------------------------------------------------------------------
 
+-- The options that make tatd run SQL text of the caller inside its own
+-- sessions: a role that is not a superuser may not set them (42501).
+create or replace function tat._refuse_caller_sql(options jsonb) returns void
+language plpgsql stable security invoker set search_path = pg_catalog, pg_temp
+as $$
+declare
+    given text;
+begin
+    if exists (select from pg_roles where rolname = current_user and rolsuper) then
+        return;
+    end if;
+    select string_agg(k, ', ' order by k) into given
+      from unnest(array['throttle_query', 'command_before_switch', 'command_after_switch']) k
+     where nullif(btrim(options->>k), '') is not null;
+    if given is not null then
+        raise exception using errcode = '42501',
+            message = format('only a superuser may set %s: tatd would run this SQL inside its own sessions, '
+                             'where the SET ROLE that holds it to your rights can be undone (RESET ROLE); '
+                             'ask a superuser to queue the job, or run the pg_tat command-line tool with your own credentials',
+                             given),
+            detail = format('Role %s is not a superuser. throttle_query runs in tatd''s session; command_before_switch and '
+                            'command_after_switch run in the switch transaction of tatd''s role.', current_user),
+            hint = 'Without these options: run the statements yourself before and after the job (switch => ''manual'' and tat.switch '
+                   'let you choose the moment), and throttle with max_replica_lag or max_active_sessions.';
+    end if;
+end
+$$;
+
 -- BEFORE INSERT, invoker rights: current_user is the caller's current role.
--- Validates the command and options and sets every column the caller cannot.
--- Not search_path-pinned: the table name resolves with the caller's search_path.
+-- The table name of the command resolves with the caller's search_path, as
+-- the ALTER TABLE itself would: that one call is all that runs with it, and
+-- every name in it is schema-qualified (the caller's search_path could put
+-- her own functions or operators before pg_catalog's). Everything else is
+-- checked by tat._migrations_check, whose search_path is pinned.
 create or replace function tat._migrations_before_insert() returns trigger
 language plpgsql security invoker
 as $$
+begin
+    new.table_oid := pg_catalog.to_regclass(tat._command_table_name(new.command));
+    return tat._migrations_check(new);
+end
+$$;
+
+-- Validates the command and options of a new job (its table_oid resolved
+-- by the trigger above) and sets every column the caller cannot write.
+-- Invoker rights: current_user is the caller's current role.
+create or replace function tat._migrations_check(j tat.migrations) returns tat.migrations
+language plpgsql volatile security invoker set search_path = pg_catalog, pg_temp
+as $$
 declare
-    rel    regclass;
     cls    record;
     active record;
 begin
-    if new.command is null or btrim(new.command, E' \t\r\n\f;') = '' then
+    if j.command is null or btrim(j.command, E' \t\r\n\f;') = '' then
         raise exception using errcode = '22023', message = 'command must not be empty';
     end if;
-    new.command := tat._single_statement(new.command);
-    rel := tat._command_table(new.command);
+    j.command := tat._single_statement(j.command);
     select c.oid, c.relkind, c.relpersistence, c.relowner, n.nspname, c.relname
       into cls
       from pg_class c join pg_namespace n on n.oid = c.relnamespace
-     where c.oid = rel;
+     where c.oid = j.table_oid;
+    if cls.oid is null then
+        raise exception using errcode = '42P01',
+            message = format('relation "%s" does not exist', tat._command_table_name(j.command));
+    end if;
     if cls.relkind not in ('r', 'p') then
         raise exception using errcode = '42809',
             message = format('"%s" is not a table', cls.relname),
@@ -619,11 +705,18 @@ begin
             message = format('must be owner of table %s', cls.relname),
             detail = format('Role %s is not a member of the owner of %I.%I.', current_user, cls.nspname, cls.relname);
     end if;
-    new.options := tat._resolve_options(new.options);
-    if new.options->>'capture' = 'logical' then
+    j.options := tat._resolve_options(j.options);
+    perform tat._refuse_caller_sql(j.options);
+    if j.options->>'capture' = 'logical' then
         perform tat._check_logical_capture();
     end if;
-    select * into active from tat._active_job(cls.oid);
+    -- the caller owns the table, so row level security shows her every job
+    -- on it (a job it hides, e.g. queued before a rename of the table, still
+    -- trips the unique index migrations_one_active_per_table)
+    select m.id, m.state into active
+      from tat.migrations m
+     where m.table_oid = cls.oid and m.state in ('queued', 'running', 'paused', 'waiting_switch')
+     order by m.id limit 1;
     if active.id is not null then
         raise exception using errcode = '55006',
             message = format('table %I.%I already has an active migration (id %s, %s)',
@@ -631,40 +724,40 @@ begin
             hint = format('Wait for it (select tat.wait(%s)) or cancel it (select tat.cancel(%s)).', active.id, active.id);
     end if;
 
-    new.table_oid := cls.oid;
-    new.table_name := format('%I.%I', cls.nspname, cls.relname);
-    new.capture := new.options->>'capture';
-    new.requested_by := current_user;
-    new.state := 'queued';
-    new.phase := null;
-    new.switch_requested := false;
-    new.cancel_requested := false;
-    new.pause_requested := false;
-    new.rows_copied := 0;
-    new.rows_total := null;
-    new.delta_backlog := null;
-    new.lock_attempts := 0;
-    new.runner := null;
-    new.attempts := 0;
-    new.created_at := now();
-    new.started_at := null;
-    new.updated_at := now();
-    new.finished_at := null;
-    new.error := null;
-    new.error_phase := null;
-    new.throttle_reason := null;
-    new.capture_lag_bytes := null;
-    new.capture_lag := null;
-    new.rows_per_second := null;
-    new.rate_rows := null;
-    new.rate_at := null;
-    new.phase_started_at := null;
+    j.table_oid := cls.oid;
+    j.table_name := format('%I.%I', cls.nspname, cls.relname);
+    j.capture := j.options->>'capture';
+    j.requested_by := current_user;
+    j.state := 'queued';
+    j.phase := null;
+    j.switch_requested := false;
+    j.cancel_requested := false;
+    j.pause_requested := false;
+    j.rows_copied := 0;
+    j.rows_total := null;
+    j.delta_backlog := null;
+    j.lock_attempts := 0;
+    j.runner := null;
+    j.attempts := 0;
+    j.created_at := now();
+    j.started_at := null;
+    j.updated_at := now();
+    j.finished_at := null;
+    j.error := null;
+    j.error_phase := null;
+    j.throttle_reason := null;
+    j.capture_lag_bytes := null;
+    j.capture_lag := null;
+    j.rows_per_second := null;
+    j.rate_rows := null;
+    j.rate_at := null;
+    j.phase_started_at := null;
     -- remembered until the end of this transaction (reverted with a rolled
     -- back subtransaction): tat.wait refuses to wait for these jobs, which
     -- tatd cannot see before COMMIT
     perform set_config('tat.uncommitted_jobs',
-                       concat_ws(',', nullif(current_setting('tat.uncommitted_jobs', true), ''), new.id::text), true);
-    return new;
+                       concat_ws(',', nullif(current_setting('tat.uncommitted_jobs', true), ''), j.id::text), true);
+    return j;
 end
 $$;
 
@@ -696,7 +789,11 @@ as $$
 declare
     cls record;
 begin
-    new.requested_by := current_user;
+    -- PUBLIC may not write requested_by (column privileges): only the owner
+    -- of schema tat can give it, which _requests_after_insert does for the
+    -- cleanup that follows a cancel (in its own definer rights, current_user
+    -- would be the owner, not the caller)
+    new.requested_by := coalesce(new.requested_by, current_user);
     new.at := now();
     new.runner := null;
     new.finished_at := null;
@@ -711,6 +808,8 @@ begin
                 message = format('tat.set cannot change option %s', coalesce(quote_literal(new.option), 'NULL')),
                 hint = 'Settable: batch_size, copy_data_jobs, lock_timeout, time_between_locks, max_replica_lag, max_active_sessions, throttle_query.';
         end if;
+        -- removing a throttle query (NULL) is allowed to whoever controls the job
+        perform tat._refuse_caller_sql(jsonb_build_object(new.option, new.value));
     else
         new.option := null;
         new.value := null;
@@ -775,7 +874,7 @@ begin
     end if;
 
     select * into m from tat.migrations where id = new.job for update;
-    if not tat._may_control(new.requested_by, m.requested_by, m.table_oid) then
+    if not tat._may_control(new.requested_by, m.requested_by, m.table_oid, m.table_name) then
         raise exception using errcode = '42501', message = format('permission denied for migration %s', new.job);
     end if;
 
@@ -839,6 +938,15 @@ begin
         if m.state not in ('queued', 'running', 'paused', 'waiting_switch') then
             raise exception using errcode = '55000', message = format('migration %s is %s; its options can no longer change', m.id, m.state);
         end if;
+        if new.option = 'throttle_query' and nullif(btrim(new.value), '') is not null
+           and not exists (select from pg_roles where rolname = m.requested_by and rolsuper) then
+            -- tatd runs it as the job's requester (see tat._refuse_caller_sql)
+            raise exception using errcode = '42501',
+                message = format('throttle_query can only be set on jobs queued by a superuser: migration %s was queued by %s, '
+                                 'and tatd would run the query as that role inside its own session, where SET ROLE can be undone',
+                                 m.id, m.requested_by),
+                hint = 'Throttle with max_replica_lag or max_active_sessions instead.';
+        end if;
         opts := tat._resolve_options(m.options || jsonb_build_object(new.option, new.value));
         update tat.migrations set options = opts, updated_at = now() where id = m.id;
         msg := format('%s set to %s by %s%s', new.option, coalesce(opts->>new.option, 'NULL (no limit)'), new.requested_by,
@@ -862,19 +970,35 @@ select tat._insert_trigger('tat.requests', 'requests_after_insert', 'after', 'ta
 -- ---------------------------------------------------------------------------
 -- row level security: a role sees its own jobs and jobs on tables it owns
 -- ---------------------------------------------------------------------------
+-- The policies apply to roles that read the tables themselves. They do not
+-- apply through the views below (a view reads its tables with the rights of
+-- its owner, who bypasses them): each view filters on its own.
 alter table tat.migrations enable row level security;
+alter table tat.events enable row level security;
 do $$
 begin
-    if not exists (select from pg_policy where polrelid = 'tat.migrations'::regclass and polname = 'migrations_visible') then
+    -- earlier versions: tat._may_control(current_user, requested_by, table_oid)
+    if not exists (select from pg_policy where polrelid = 'tat.migrations'::regclass and polname = 'migrations_visible'
+                   and pg_get_expr(polqual, polrelid) like '%table_name%') then
+        drop policy if exists migrations_visible on tat.migrations;
         create policy migrations_visible on tat.migrations for select
-            using (tat._may_control(current_user, requested_by, table_oid));
+            using (tat._may_control(current_user, requested_by, table_oid, table_name));
     end if;
     if not exists (select from pg_policy where polrelid = 'tat.migrations'::regclass and polname = 'migrations_insert') then
         -- validation lives in the BEFORE INSERT trigger
         create policy migrations_insert on tat.migrations for insert with check (true);
     end if;
+    -- the timeline of the jobs the role sees (tat.migrations' policy applies
+    -- to the subquery too), or of every job with the monitoring grant
+    if not exists (select from pg_policy where polrelid = 'tat.events'::regclass and polname = 'events_visible') then
+        create policy events_visible on tat.events for select
+            using ((select tat._sees_all())
+                   or exists (select from tat.migrations m
+                              where m.id = job and tat._may_control(current_user, m.requested_by, m.table_oid, m.table_name)));
+    end if;
 end
 $$;
+drop function if exists tat._may_control(name, name, oid);
 
 -- ---------------------------------------------------------------------------
 -- API
@@ -974,7 +1098,8 @@ as $$ insert into tat.requests (action, job) values ('switch', switch.id) $$;
 --   started once: the new value applies when the job is resumed or taken
 --   over); max_replica_lag interval, max_active_sessions int, throttle_query
 --   text (a query returning boolean, run as the requester of the job in a
---   read-only transaction) -- NULL removes the limit.
+--   read-only transaction; set only by a superuser, on a job a superuser
+--   queued: 42501) -- NULL removes the limit (anyone who controls the job).
 create or replace function tat.set(id bigint, option text, value text) returns void
 language sql volatile security invoker set search_path = pg_catalog, pg_temp
 as $$ insert into tat.requests (action, job, option, value) values ('set', set.id, set.option, set.value) $$;
@@ -1029,9 +1154,19 @@ $$;
 -- ---------------------------------------------------------------------------
 -- views
 -- ---------------------------------------------------------------------------
+-- Every role may read them (PUBLIC) and sees in each exactly the jobs it may
+-- control: those it (or a role it is a member of) requested and those on
+-- tables it owns (tat._may_control); superusers and the roles given the
+-- monitoring grant (tat._sees_all) see every job. A view reads its tables
+-- with its owner's rights, bypassing their row level security, but calls
+-- functions with the querying role's, so the filter is in each view, on
+-- current_user (security_invoker views would need PostgreSQL 15). They are
+-- security barriers: a condition of the caller (say, a cheap function that
+-- raises its argument) is not evaluated before the view's own filter.
+
 -- Time spent in each phase, from the timeline (a job resumed after a crash
 -- or a pause has a row per attempt of a phase).
-create or replace view tat.phase_timings as
+create or replace view tat.phase_timings with (security_barrier) as
 select b.job,
        b.phase,
        b.at as started_at,
@@ -1045,10 +1180,13 @@ select b.job,
             or e.message in ('done', 'cancelled', 'paused')
             or e.message like 'failed: %'
             or e.message like 'interrupted %') b
- where b.message like 'phase %';
+ where b.message like 'phase %'
+   and ((select tat._sees_all())
+        or exists (select from tat.migrations m
+                   where m.id = b.job and tat._may_control(current_user, m.requested_by, m.table_oid, m.table_name)));
 comment on view tat.phase_timings is 'pg_tat: start, end and duration of each phase of each job';
 
-create or replace view tat.status as
+create or replace view tat.status with (security_barrier) as
 select m.id,
        m.table_name,
        m.command,
@@ -1099,11 +1237,12 @@ select m.id,
                   and extract(epoch from coalesce(m.finished_at, m.updated_at, now()) - m.started_at) > 0
              then round(m.rows_copied / extract(epoch from coalesce(m.finished_at, m.updated_at, now()) - m.started_at)::numeric, 1)  -- extract() is double precision before 14
              end::numeric as rows_per_second
-  ) r;
+  ) r
+ where (select tat._sees_all()) or tat._may_control(current_user, m.requested_by, m.table_oid, m.table_name);
 comment on view tat.status is 'pg_tat: one row per migration with live progress';
 
 -- A compact view for psql's \watch 1: active jobs and those finished in the last hour.
-create or replace view tat.progress as
+create or replace view tat.progress with (security_barrier) as
 select s.id,
        s.table_name as "table",
        s.state,
@@ -1122,7 +1261,7 @@ select s.id,
  order by s.id;
 comment on view tat.progress is 'pg_tat: compact live progress (select * from tat.progress \watch 1)';
 
-create or replace view tat.errors as
+create or replace view tat.errors with (security_barrier) as
 select m.id,
        m.id as job,
        m.table_name,
@@ -1132,7 +1271,8 @@ select m.id,
        m.finished_at as at,
        m.requested_by
   from tat.migrations m
- where m.state = 'failed' or (m.error is not null and m.state = 'cancelled');
+ where (m.state = 'failed' or (m.error is not null and m.state = 'cancelled'))
+   and ((select tat._sees_all()) or tat._may_control(current_user, m.requested_by, m.table_oid, m.table_name));
 comment on view tat.errors is 'pg_tat: failed jobs with their error and the phase it happened in';
 
 -- ---------------------------------------------------------------------------
@@ -1143,6 +1283,8 @@ revoke all on all sequences in schema tat from public;
 revoke all on all functions in schema tat from public;
 
 grant select on tat.migrations to public;                 -- filtered by row level security
+grant select on tat.events to public;                     -- filtered by row level security
+grant select on tat.status, tat.progress, tat.errors, tat.phase_timings to public;  -- filtered by the views
 grant insert (command, options) on tat.migrations to public;
 grant insert (action, job, table_oid) on tat.requests to public;
 grant select (id) on tat.requests to public;              -- for tat.cleanup's RETURNING id
@@ -1154,6 +1296,8 @@ grant execute on function tat.cancel(bigint), tat.pause(bigint), tat.resume(bigi
                           tat.set(bigint, text, text),
                           tat.cleanup(regclass), tat.wait(bigint, interval) to public;
 -- helpers the invoker-rights code calls
-grant execute on function tat._may_control(name, name, oid), tat._active_job(oid),
-                          tat._single_statement(text), tat._command_table(text),
+-- (and the views, the policies, which call functions as the querying role)
+grant execute on function tat._may_control(name, name, oid, text), tat._sees_all(),
+                          tat._single_statement(text), tat._command_table_name(text),
+                          tat._migrations_check(tat.migrations), tat._refuse_caller_sql(jsonb),
                           tat._resolve_options(jsonb), tat._check_logical_capture() to public;

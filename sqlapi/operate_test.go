@@ -80,12 +80,14 @@ func TestSetOption(t *testing.T) {
 }
 
 // Throttling: active sessions over the limit and a throttle query that is
-// true for the requester (it runs as the requester, not as tatd).
+// true for the requester (it runs as the requester, not as tatd). Only a
+// superuser may give a throttle query (security_test.go), so the requester
+// is one.
 func TestSteerThrottle(t *testing.T) {
 	t.Parallel()
 	url, c := setup(t)
 	ctx := context.Background()
-	mustExec(t, c, "create role app_throttle login")
+	mustExec(t, c, "create role app_throttle login superuser")
 	t.Cleanup(func() {
 		testpg.Exec(t, url, "drop owned by app_throttle")
 		testpg.Exec(t, testpg.Shared().URL, "drop role if exists app_throttle")
