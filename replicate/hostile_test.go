@@ -689,6 +689,9 @@ func (h *hostileDB) writeUnderSwitch(g *hostileEngine, next *atomic.Int64) {
 	deadline := time.Now().Add(2 * time.Minute)
 	for {
 		var waiting int
+		// the switch's lock request on t (only the switch locks t against
+		// writes; a catch-up that waits for her transaction to end would
+		// apply her writes before the lock)
 		if err := h.su.QueryRow(ctx, `select count(*) from pg_locks l where not l.granted and l.locktype = 'relation'
 			and l.relation = $1 and $2::int = any(pg_blocking_pids(l.pid))`, h.tOID, pid).Scan(&waiting); err != nil {
 			h.t.Fatal(err)
