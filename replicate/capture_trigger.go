@@ -46,8 +46,9 @@ func (m *migration) createDelta(ctx context.Context) error {
 	for i := range p.Key {
 		cols[i] = fmt.Sprintf("k%d %s", i+1, p.KeyTypes[i])
 	}
-	_, err := m.exec(ctx, m.pool, "CREATE TABLE "+m.deltaIdent()+
-		" (seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, op \"char\" NOT NULL, rel oid, "+strings.Join(cols, ", ")+")")
+	err := m.createOwned(ctx, m.pool, []string{"CREATE TABLE " + m.deltaIdent() +
+		" (seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, op \"char\" NOT NULL, rel oid, " + strings.Join(cols, ", ") + ")"},
+		[]string{"TABLE " + m.deltaIdent()})
 	if err != nil {
 		return fmt.Errorf("create delta: %w", err)
 	}
@@ -86,18 +87,10 @@ BEGIN
 END $f$`, captureFunc(p), delta, m.t.OID, delta, kcols, strings.Join(newVals, ", "),
 			strings.Join(oldVals, ", "), strings.Join(newVals, ", "), delta, kcols, strings.Join(oldVals, ", ")),
 	}
-	tx, err := m.pool.Begin(ctx)
-	if err != nil {
-		return err
-	}
-	defer tx.Rollback(ctx) //nolint:errcheck
-	for _, s := range create {
-		if _, err := m.exec(ctx, tx, s); err != nil {
-			return fmt.Errorf("create delta: %w", err)
-		}
-	}
-	if err := tx.Commit(ctx); err != nil {
-		return err
+	// The function belongs to the owner: SECURITY DEFINER then runs it
+	// with her rights (her domain checks on the key columns included).
+	if err := m.createOwned(ctx, m.pool, create, []string{"FUNCTION " + captureFunc(p) + "()"}); err != nil {
+		return fmt.Errorf("create capture function: %w", err)
 	}
 	// ENABLE ALWAYS: changes applied by a logical replication subscriber
 	// (session_replication_role = replica) must be captured too.
@@ -236,7 +229,19 @@ func Cleanup(ctx context.Context, pool *pgxpool.Pool, tableName string) error {
 	}
 	m := &migration{pool: pool, admin: pool, opts: DefaultOptions(), rep: NopReporter{}}
 	m.cmd = &Command{Schema: schema, Table: name}
-	return cleanup(ctx, pool, schema, name, m)
+	if err := cleanup(ctx, pool, schema, name, m); err != nil {
+		return err
+	}
+	// The login role of a run that died (see sandbox.go).
+	var db, rel uint32
+	if err := pool.QueryRow(ctx, `select d.oid, to_regclass($1)::oid from pg_database d where d.datname = current_database()`,
+		tableName).Scan(&db, &rel); err != nil {
+		return fmt.Errorf("cleanup: table %s: %w", tableName, err)
+	}
+	if err := dropRunRole(ctx, pool, runRoleName(db, rel)); err != nil {
+		return fmt.Errorf("cleanup: drop role %s: %w", runRoleName(db, rel), err)
+	}
+	return nil
 }
 
 func cleanup(ctx context.Context, pool *pgxpool.Pool, schema, name string, m *migration) error {
@@ -272,12 +277,32 @@ func cleanup(ctx context.Context, pool *pgxpool.Pool, schema, name string, m *mi
 		return fmt.Errorf("cleanup %s: default partition: %w", tbl, err)
 	}
 	p := &plan{Schema: schema, Table: name}
+	// Names are truncated to 63 bytes, so another table's leftovers may
+	// answer to them: only objects of the table's owner (or of the engine's
+	// role: the state table) are a run of this table's.
+	var foreign string
+	err = pool.QueryRow(ctx, `select coalesce(string_agg(o.what || ' (owned by ' || pg_get_userbyid(o.owner) || ')', ', '), '')
+		from (select c.oid::regclass::text as what, c.relowner as owner from pg_class c where c.oid in (to_regclass($2), to_regclass($3), to_regclass($4), to_regclass($6))
+		      union all select p.oid::regprocedure::text, p.proowner from pg_proc p where p.oid in (to_regprocedure($5), to_regprocedure($7))) o
+		join pg_class t on t.oid = to_regclass($1)
+		where o.owner <> t.relowner and o.owner <> (select oid from pg_roles where rolname = current_user)`,
+		tbl, ident(schema, shadowName(name, "__tat_new")), ident(schema, shadowName(name, "__tat_delta")),
+		ident(schema, shadowName(name, "__tat_state")), captureFunc(p)+"()",
+		ident(schema, shadowName(name, "__tat_exec")), ident(schema, shadowName(name, "__tat_exec"))+"(text, text, text)").Scan(&foreign)
+	if err != nil {
+		return fmt.Errorf("cleanup %s: %w", tbl, err)
+	}
+	if foreign != "" {
+		return fmt.Errorf("%w: cleanup %s: %s belong to another role than the table's owner: not a run of this table's, left alone", errDenied, tbl, foreign)
+	}
 	for _, s := range []string{
 		// CASCADE: the shadows of inheritance children depend on it.
 		"DROP TABLE IF EXISTS " + ident(schema, shadowName(name, "__tat_new")) + " CASCADE",
 		"DROP TABLE IF EXISTS " + ident(schema, shadowName(name, "__tat_delta")),
 		"DROP TABLE IF EXISTS " + ident(schema, shadowName(name, "__tat_state")),
 		"DROP FUNCTION IF EXISTS " + captureFunc(p) + "()",
+		"DROP MATERIALIZED VIEW IF EXISTS " + ident(schema, shadowName(name, "__tat_exec")),
+		"DROP FUNCTION IF EXISTS " + ident(schema, shadowName(name, "__tat_exec")) + "(text, text, text)",
 	} {
 		if _, err := m.exec(ctx, pool, s); err != nil {
 			return fmt.Errorf("cleanup %s: %w", tbl, err)

@@ -21,6 +21,9 @@ type Command struct {
 	// Move is set for pg_tat's own "alter table T move column A before B".
 	Move *MoveColumn
 
+	// qualified: Schema came from Options.Schema, not from the text.
+	qualified bool
+
 	tree    *pg_query.ParseResult
 	alter   *pg_query.AlterTableStmt // nil for rename / move
 	rename  *pg_query.RenameStmt
@@ -247,6 +250,30 @@ func (c *Command) ShadowSQL(schema, shadow string, idx map[string]string) (strin
 	back, err := ParseCommand(out)
 	if err != nil || back.Table != shadow || back.Schema != schema || back.Move != nil {
 		return "", fmt.Errorf("%w: the command cannot be rewritten faithfully for the shadow (%q)", ErrBadCommand, out)
+	}
+	return out, nil
+}
+
+// QualifiedSQL is the command with its table in schema (ONLY kept), for a
+// command that named it without one.
+func (c *Command) QualifiedSQL(schema string) (string, error) {
+	var rel *pg_query.RangeVar
+	switch {
+	case c.rename != nil:
+		rel = c.rename.Relation
+	case c.alter != nil:
+		rel = c.alter.Relation
+	default:
+		return "", fmt.Errorf("%w: %q cannot run as it is", ErrBadCommand, c.Text)
+	}
+	rel.Schemaname = schema
+	out, err := pg_query.Deparse(c.tree)
+	if err != nil {
+		return "", fmt.Errorf("deparse command: %w", err)
+	}
+	back, err := ParseCommand(out)
+	if err != nil || back.Table != c.Table || back.Schema != schema {
+		return "", fmt.Errorf("%w: the command cannot be qualified faithfully (%q)", ErrBadCommand, out)
 	}
 	return out, nil
 }

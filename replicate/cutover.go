@@ -29,6 +29,9 @@ func (m *migration) cutover(ctx context.Context) error {
 	if _, err := m.applyDelta(ctx, m.pool, int64(m.batchSize())*10); err != nil {
 		return err
 	}
+	if err := m.setupRestricted(ctx); err != nil {
+		return err
+	}
 	err := m.withLockRetries(ctx, m.admin, func(ctx context.Context, tx pgx.Tx) error {
 		if err := m.waitForBlockers(ctx); err != nil {
 			return err
@@ -109,7 +112,8 @@ func (m *migration) swap(ctx context.Context, tx pgx.Tx) (*dependents, error) {
 	if err := m.capture.sync(ctx, tx); err != nil {
 		return nil, fmt.Errorf("capture sync: %w", err)
 	}
-	if _, err := m.applyDeltaTx(ctx, tx, 0); err != nil {
+	// The owner's code of the last delta runs restricted (restricted.go).
+	if _, err := m.applyDeltaTx(ctx, m.restrictedTx(tx), 0); err != nil {
 		return nil, fmt.Errorf("final delta: %w", err)
 	}
 	if _, err := tx.Exec(ctx, catalogPath); err != nil {
@@ -212,6 +216,8 @@ func (m *migration) swap(ctx context.Context, tx pgx.Tx) (*dependents, error) {
 		"DROP TABLE " + m.deltaIdent(),
 		"DROP TABLE " + m.stateIdent(),
 		"DROP FUNCTION IF EXISTS " + captureFunc(p) + "()", // trigger capture only
+		"DROP MATERIALIZED VIEW IF EXISTS " + m.execName(),
+		"DROP FUNCTION IF EXISTS " + m.execName() + "(text, text, text)",
 	}); err != nil {
 		return nil, err
 	}

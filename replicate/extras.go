@@ -66,6 +66,10 @@ func (m *migration) switchCommand(ctx context.Context, tx pgx.Tx, sql, what stri
 		return nil
 	}
 	if m.opts.RunAs != "" {
+		// Checked again here: the requester may have lost superuser since prepare.
+		if err := m.refuseSwitchCommands(ctx, tx); err != nil {
+			return err
+		}
 		if _, err := tx.Exec(ctx, "SET LOCAL ROLE "+qi(m.opts.RunAs)); err != nil {
 			return fmt.Errorf("%s: act as %s: %w", what, m.opts.RunAs, err)
 		}

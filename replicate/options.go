@@ -22,6 +22,11 @@ type Options struct {
 	// RunAs is the role whose right to ALTER the table is checked (the
 	// caller of tat.alter). Empty means the connection's current_user.
 	RunAs string
+	// Schema is the schema of the table when Command names it without one
+	// (tat.alter resolved the name with the caller's search_path, which
+	// the engine's sessions do not share). Empty: the connection's
+	// search_path decides.
+	Schema string
 
 	Capture                       string // trigger | logical
 	CopyDataJobs                  int

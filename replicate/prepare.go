@@ -116,7 +116,22 @@ type namedDef struct {
 // prepare creates the shadow with the original's definition, applies the
 // ALTER to it, records the resulting indexes and constraints, and drops them
 // so that the copy loads a bare heap. Nothing on the original changes.
+//
+// It is one transaction of the owner's sandbox, except for what the owner
+// may not do herself (sandbox.handOver, sandbox.adminState): what those
+// steps committed is dropped again when prepare fails (or is a dry run).
 func (m *migration) prepare(ctx context.Context) error {
+	committed := false
+	err := m.prepareShadow(ctx, &committed)
+	if err != nil && committed {
+		if cerr := cleanup(context.WithoutCancel(ctx), m.admin, m.t.Schema, m.t.Name, m); cerr != nil {
+			m.event(ctx, PhasePrepare, "cleanup after prepare: "+cerr.Error())
+		}
+	}
+	return err
+}
+
+func (m *migration) prepareShadow(ctx context.Context, committed *bool) error {
 	tx, err := m.pool.Begin(ctx)
 	if err != nil {
 		return err
@@ -266,10 +281,13 @@ func (m *migration) prepare(ctx context.Context) error {
 		// scan of the new partition under the switch's lock.
 		stmts = append(stmts, "ALTER TABLE "+shadow+" ADD CONSTRAINT "+qi(boundCheckName)+" CHECK ("+t.Parent.BoundCheck+")")
 	}
-	for _, s := range stmts {
-		if _, err := m.exec(ctx, tx, s); err != nil {
-			return fmt.Errorf("create shadow %s: %w", shadow, err)
-		}
+	owned := []string{"TABLE " + shadow}
+	for _, pt := range t.Partitions {
+		owned = append(owned, "TABLE "+ident(pt.Schema, partShadow(pt)))
+	}
+	*committed = m.sb != nil && m.sb.handOver
+	if err := m.createOwned(ctx, tx, stmts, owned); err != nil {
+		return fmt.Errorf("create shadow %s: %w", shadow, err)
 	}
 
 	// Indexes and index-backed constraints, under names of their own
@@ -430,8 +448,11 @@ func (m *migration) prepare(ctx context.Context) error {
 	if err := m.planCopy(ctx, tx, p); err != nil {
 		return err
 	}
-	if err := createState(ctx, m, tx, p); err != nil {
-		return err
+	adminState := m.sb != nil && m.sb.adminState
+	if !adminState {
+		if err := createState(ctx, m, tx, p); err != nil {
+			return err
+		}
 	}
 	m.plan = p
 	if m.opts.DryRun {
@@ -440,6 +461,23 @@ func (m *migration) prepare(ctx context.Context) error {
 	if err := tx.Commit(ctx); err != nil {
 		m.plan = nil
 		return fmt.Errorf("commit prepare: %w", err)
+	}
+	*committed = true
+	if adminState {
+		// The engine's role owns the state table: the plan in its comment
+		// drives the switch, run with the engine's rights, and must be
+		// beyond the owner's reach; she only writes the checkpoints.
+		err := pgx.BeginFunc(ctx, m.admin, func(tx pgx.Tx) error {
+			if err := createState(ctx, m, tx, p); err != nil {
+				return err
+			}
+			_, err := m.exec(ctx, tx, "GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON "+ident(p.Schema, p.State)+" TO "+qi(m.sb.owner))
+			return err
+		})
+		if err != nil {
+			m.plan = nil
+			return err
+		}
 	}
 	return nil
 }

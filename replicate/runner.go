@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -21,8 +22,10 @@ import (
 // migration is the state of one run.
 type migration struct {
 	// pool runs everything that touches the table's data and the shadow,
-	// as the table's owner (see asOwner); admin is the caller's pool, used
-	// for the cut-over (dependents of other owners) and cleanup.
+	// and every piece of the owner's code, in the owner's sandbox
+	// (sandbox.go); admin is the caller's pool: catalog reads, the locks
+	// and DDL of the switch (dependents of other owners) and cleanup,
+	// never a statement that evaluates the owner's code.
 	pool  *pgxpool.Pool
 	admin *pgxpool.Pool
 	opts  Options
@@ -31,6 +34,7 @@ type migration struct {
 	cmd   *Command
 	t     *table
 	plan  *plan
+	sb    *sandbox // who m.pool's sessions are (sandbox.go)
 
 	validations []string // VALIDATE CONSTRAINT statements left by the switch
 	swapped     bool
@@ -62,6 +66,9 @@ func Run(ctx context.Context, pool *pgxpool.Pool, opts Options, rep Reporter, ct
 	if err != nil {
 		return err
 	}
+	if cmd.Schema == "" && opts.Schema != "" {
+		cmd.Schema, cmd.qualified = opts.Schema, true
+	}
 	m := &migration{pool: pool, admin: pool, opts: opts, rep: rep, ctl: ctl, cmd: cmd}
 	return m.run(ctx)
 }
@@ -71,7 +78,7 @@ func (m *migration) run(ctx context.Context) error {
 	if err := m.check(ctx); err != nil {
 		return err
 	}
-	closeOwner, err := m.asOwner(ctx)
+	closeOwner, err := m.openSandbox(ctx)
 	if err != nil {
 		return err
 	}
@@ -239,6 +246,9 @@ func (m *migration) check(ctx context.Context) error {
 	if !ok {
 		return fmt.Errorf("%w: role %s must own table %s (or be a member of its owner) to alter it", ErrBadCommand, role, m.tableRef())
 	}
+	if err := m.refuseSwitchCommands(ctx, tx); err != nil {
+		return err
+	}
 	if m.t.OID != 0 && m.cmd.NeedsRewrite() {
 		// Dependents the switch cannot carry over are refused now, not at
 		// the switch (after the whole copy). A catalog-only ALTER runs in
@@ -251,6 +261,27 @@ func (m *migration) check(ctx context.Context) error {
 		if err := m.logicalPreflight(ctx, tx); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// refuseSwitchCommands: --command-before-switch / --command-after-switch run
+// in the switch transaction of the engine's own role (atomic with the swap),
+// where SET ROLE can be undone by the command itself. A requester that is
+// not a superuser may not have them run for her there. (The CLI runs them
+// in its user's own session: RunAs is empty.)
+func (m *migration) refuseSwitchCommands(ctx context.Context, tx pgx.Tx) error {
+	if m.opts.RunAs == "" || strings.TrimSpace(m.opts.CommandBeforeSwitch+m.opts.CommandAfterSwitch) == "" {
+		return nil
+	}
+	var super bool
+	if err := tx.QueryRow(ctx, "select coalesce((select rolsuper from pg_roles where rolname = $1), false)", m.opts.RunAs).Scan(&super); err != nil {
+		return err
+	}
+	if !super {
+		return fmt.Errorf("%w: command_before_switch and command_after_switch run inside the switch transaction of the sidecar's own role, "+
+			"so only superusers may set them (%s is not one); run them yourself before or after the job, or run the pg_tat CLI with your own credentials",
+			errDenied, m.opts.RunAs)
 	}
 	return nil
 }
@@ -336,6 +367,15 @@ func (m *migration) resume(ctx context.Context) (bool, error) {
 	if p.Command != m.cmd.Text || p.TableID != m.t.OID {
 		return false, fmt.Errorf("%w: the earlier run was for %q, not this command", ErrBadCommand, p.Command)
 	}
+	if trusted, err := m.planTrusted(ctx); err != nil {
+		return false, err
+	} else if !trusted {
+		m.event(ctx, PhasePrepare, "the earlier run's plan belongs to the table's owner, and the switch acts on it with the engine's rights: starting over")
+		if err := cleanup(ctx, m.admin, m.t.Schema, m.t.Name, m); err != nil {
+			return false, err
+		}
+		return false, nil
+	}
 	if p.Capture == CaptureLogical || m.opts.Capture == CaptureLogical {
 		// A logical-capture stream cannot be resumed: its temporary slot
 		// ended with the earlier run, and the changes since are not
@@ -378,12 +418,37 @@ func (m *migration) resume(ctx context.Context) (bool, error) {
 	return true, nil
 }
 
+// planTrusted: the plan of an earlier run (the state table's comment) may
+// steer the switch, which runs as the engine's role, only if the owner of
+// a sandbox could not have written it: the state table is the engine's own
+// (sandbox.adminState), or the owner's code runs with no less than the
+// engine's rights anyway.
+func (m *migration) planTrusted(ctx context.Context) (bool, error) {
+	if m.sb == nil || m.sb.mode != modeLogin {
+		return true, nil
+	}
+	var owner string
+	if err := m.admin.QueryRow(ctx, "select pg_get_userbyid(relowner)::text from pg_class where oid = to_regclass($1)",
+		m.stateIdent()).Scan(&owner); err != nil {
+		return false, fmt.Errorf("inspect the earlier run: %w", err)
+	}
+	return owner == m.sb.me, nil
+}
+
 // runDirect applies a catalog-only ALTER in place under a short lock_timeout.
 func (m *migration) runDirect(ctx context.Context) error {
 	m.event(ctx, PhasePrepare, "the command needs no table rewrite: running it directly under a short lock")
 	m.setPhase(ctx, PhaseSwitch)
+	sql := m.cmd.Text
+	if m.cmd.qualified {
+		// The table as tat.alter resolved it, not as the search_path would.
+		var err error
+		if sql, err = m.cmd.QualifiedSQL(m.cmd.Schema); err != nil {
+			return err
+		}
+	}
 	return m.withLockRetries(ctx, m.pool, func(ctx context.Context, tx pgx.Tx) error {
-		_, err := m.exec(ctx, tx, m.cmd.Text)
+		_, err := m.exec(ctx, tx, sql)
 		return err
 	}, nil)
 }

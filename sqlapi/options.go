@@ -119,6 +119,9 @@ func Options(j Job) (replicate.Options, error) {
 	if err := checkCommandTable(j); err != nil {
 		return o, err
 	}
+	if schema, _, ok := splitQualifiedName(j.TableName); ok {
+		o.Schema = schema // the command's table as tat.alter resolved it
+	}
 	if err := o.Validate(); err != nil {
 		return o, fmt.Errorf("options of migration %d: %w", j.ID, err)
 	}
