@@ -10,6 +10,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // buildIndexes builds the shadow's indexes (as the ALTER left them) with
@@ -58,7 +59,7 @@ func (m *migration) buildIndexes(ctx context.Context) error {
 	if err := parallel(ctx, m.opts.CreateIndexJobs, todo, m.buildIndex); err != nil {
 		return err
 	}
-	return pgx.BeginFunc(ctx, m.pool, func(tx pgx.Tx) error {
+	return pgx.BeginFunc(ctx, m.indexPool(), func(tx pgx.Tx) error {
 		if err := m.sessionSettings(ctx, tx); err != nil {
 			return err
 		}
@@ -157,7 +158,7 @@ func (m *migration) buildIndex(ctx context.Context, si shadowIndex) error {
 }
 
 func (m *migration) buildIndexOnce(ctx context.Context, si shadowIndex) error {
-	conn, err := m.pool.Acquire(ctx)
+	conn, err := m.indexPool().Acquire(ctx)
 	if err != nil {
 		return err
 	}
@@ -202,4 +203,16 @@ func (m *migration) sessionSettings(ctx context.Context, tx pgx.Tx) error {
 		}
 	}
 	return nil
+}
+
+// indexPool builds the shadow's indexes: in the owner's sandbox, or, when
+// she may not create in the schema (CREATE INDEX needs that, ALTER TABLE
+// does not), as the engine's role. Either way PostgreSQL evaluates index
+// expressions and predicates as the table's owner, in a security-restricted
+// operation.
+func (m *migration) indexPool() *pgxpool.Pool {
+	if m.sb != nil && m.sb.handOver {
+		return m.admin
+	}
+	return m.pool
 }

@@ -290,6 +290,16 @@ func (m *migration) prepareShadow(ctx context.Context, committed *bool) error {
 		return fmt.Errorf("create shadow %s: %w", shadow, err)
 	}
 
+	// The shadow's indexes and constraints: in the owner's transaction, or,
+	// when she may not create in the schema (CREATE INDEX needs that), as the
+	// engine's role, each committed at once (the owner's transaction takes
+	// no lock on the shadow before the ALTER). Nothing here evaluates her
+	// code: the shadow is empty, and PostgreSQL builds indexes as the
+	// table's owner, restricted.
+	var ddl execer = tx
+	if m.sb != nil && m.sb.handOver {
+		ddl = m.admin
+	}
 	// Indexes and index-backed constraints, under names of their own
 	// (index names are unique per schema), so the ALTER sees them.
 	idx, err := m.q(ctx, tx, `select ic.relname, i.indexrelid::text, pg_get_indexdef(i.indexrelid),
@@ -330,12 +340,12 @@ func (m *migration) prepareShadow(ctx context.Context, committed *bool) error {
 			stmts = append(stmts, s)
 		}
 		for _, s := range stmts {
-			if _, err := m.exec(ctx, tx, s); err != nil {
+			if _, err := m.exec(ctx, ddl, s); err != nil {
 				return fmt.Errorf("copy index %s to shadow: %w", name, err)
 			}
 		}
 		if r[7] == "true" {
-			if _, err := m.exec(ctx, tx, "ALTER TABLE "+shadow+" CLUSTER ON "+qi(tmp)); err != nil {
+			if _, err := m.exec(ctx, ddl, "ALTER TABLE "+shadow+" CLUSTER ON "+qi(tmp)); err != nil {
 				return err
 			}
 		}
@@ -344,7 +354,7 @@ func (m *migration) prepareShadow(ctx context.Context, committed *bool) error {
 		var ri string
 		if err := tx.QueryRow(ctx, `select c.relname from pg_index i join pg_class c on c.oid = i.indexrelid
 			where i.indrelid = $1 and i.indisreplident`, t.OID).Scan(&ri); err == nil && p.IndexMap[ri] != "" {
-			if _, err := m.exec(ctx, tx, "ALTER TABLE "+shadow+" REPLICA IDENTITY USING INDEX "+qi(p.IndexMap[ri])); err != nil {
+			if _, err := m.exec(ctx, ddl, "ALTER TABLE "+shadow+" REPLICA IDENTITY USING INDEX "+qi(p.IndexMap[ri])); err != nil {
 				return err
 			}
 		}
@@ -359,7 +369,7 @@ func (m *migration) prepareShadow(ctx context.Context, committed *bool) error {
 			return err
 		}
 		for _, c := range cks {
-			if _, err := m.exec(ctx, tx, "ALTER TABLE "+ident(pt.Schema, partShadow(pt))+" ADD CONSTRAINT "+qi(c[0])+" "+c[1]); err != nil {
+			if _, err := m.exec(ctx, ddl, "ALTER TABLE "+ident(pt.Schema, partShadow(pt))+" ADD CONSTRAINT "+qi(c[0])+" "+c[1]); err != nil {
 				return fmt.Errorf("copy check %s of partition %s: %w", c[0], pt.Name, err)
 			}
 		}
@@ -395,7 +405,7 @@ func (m *migration) prepareShadow(ctx context.Context, committed *bool) error {
 				stmts = []string{"ALTER TABLE " + on + " ADD CONSTRAINT " + qi(tmp) + " " + r[4]}
 			}
 			for _, s := range stmts {
-				if _, err := m.exec(ctx, tx, s); err != nil {
+				if _, err := m.exec(ctx, ddl, s); err != nil {
 					return fmt.Errorf("copy index %s of partition %s: %w", r[0], pt.Name, err)
 				}
 			}
@@ -416,7 +426,7 @@ func (m *migration) prepareShadow(ctx context.Context, committed *bool) error {
 		if !strings.HasSuffix(def, " NOT VALID") {
 			def += " NOT VALID"
 		}
-		if _, err := m.exec(ctx, tx, "ALTER TABLE "+shadow+" ADD CONSTRAINT "+qi(f[0])+" "+def); err != nil {
+		if _, err := m.exec(ctx, ddl, "ALTER TABLE "+shadow+" ADD CONSTRAINT "+qi(f[0])+" "+def); err != nil {
 			return fmt.Errorf("copy foreign key %s to shadow: %w", f[0], err)
 		}
 	}
