@@ -137,7 +137,7 @@ func keyCols(n int) string {
 // isLockTimeout tells a lock_timeout (55P03) from other errors.
 func isLockTimeout(err error) bool {
 	var pe *pgconn.PgError
-	return errors.As(err, &pe) && pe.Code == "55P03"
+	return errors.Is(err, errSwitchPostponed) || errors.As(err, &pe) && pe.Code == "55P03"
 }
 
 // withLockRetries runs fn in a transaction with a short lock_timeout. On a
@@ -159,7 +159,11 @@ func (m *migration) withLockRetries(ctx context.Context, db *pgxpool.Pool, fn fu
 			return err
 		}
 		m.lockAttempts.Add(1)
-		m.event(ctx, m.currentPhase(), fmt.Sprintf("lock attempt %d timed out after %s; retrying", attempt, timeout))
+		if errors.Is(err, errSwitchPostponed) {
+			m.event(ctx, m.currentPhase(), fmt.Sprintf("lock attempt %d: %v", attempt, err))
+		} else {
+			m.event(ctx, m.currentPhase(), fmt.Sprintf("lock attempt %d timed out after %s; retrying", attempt, timeout))
+		}
 		m.report(ctx)
 		if m.opts.MaxLockAttempts > 0 && attempt >= m.opts.MaxLockAttempts {
 			return fmt.Errorf("could not lock %s in %d attempts: %w", m.tableRef(), attempt, err)

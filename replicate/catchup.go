@@ -255,6 +255,7 @@ func (m *migration) applyDelta(ctx context.Context, db txStarter, limit int64) (
 }
 
 func (m *migration) applyDeltaOnce(ctx context.Context, db txStarter, limit int64) (int64, error) {
+	started := time.Now()
 	tx, err := db.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead})
 	if err != nil {
 		return 0, err
@@ -264,7 +265,15 @@ func (m *migration) applyDeltaOnce(ctx context.Context, db txStarter, limit int6
 	if err != nil {
 		return 0, err
 	}
-	return n, tx.Commit(ctx)
+	if err := tx.Commit(ctx); err != nil {
+		return 0, err
+	}
+	if el := time.Since(started); n >= 100 && el > 0 {
+		// The switch's budget (deltaWithinBudget) follows the rate the
+		// apply reaches on this table, with these writers.
+		m.applyRate.Store(int64(float64(n) / el.Seconds()))
+	}
+	return n, nil
 }
 
 func (m *migration) applyDeltaTx(ctx context.Context, tx pgx.Tx, limit int64) (int64, error) {

@@ -32,6 +32,9 @@ func (m *migration) cutover(ctx context.Context) error {
 	if err := m.setupRestricted(ctx); err != nil {
 		return err
 	}
+	if err := m.hook(ctx, nil, hookBeforeLock); err != nil {
+		return err
+	}
 	err := m.withLockRetries(ctx, m.admin, func(ctx context.Context, tx pgx.Tx) error {
 		if err := m.waitForBlockers(ctx); err != nil {
 			return err
@@ -60,7 +63,9 @@ func (m *migration) cutover(ctx context.Context) error {
 		m.event(ctx, PhaseSwitch, fmt.Sprintf("table swapped; lock held %s", time.Since(started).Round(time.Millisecond)))
 		return nil
 	}, func(ctx context.Context) error {
-		_, err := m.applyDelta(ctx, m.pool, int64(m.batchSize())*10)
+		// Everything captured so far, outside the lock: the next attempt
+		// finds only what arrives meanwhile.
+		_, err := m.applyDelta(ctx, m.pool, 0)
 		return err
 	})
 	if err != nil {
@@ -68,6 +73,41 @@ func (m *migration) cutover(ctx context.Context) error {
 	}
 	m.validations = deps.validate
 	return nil
+}
+
+// hookBeforeLock is the TestHook point right before the switch's first
+// lock attempt (tx is nil): a test commits a bulk change there.
+const hookBeforeLock = "before-lock"
+
+// errSwitchPostponed: more changes arrived since the last catch-up than the
+// switch may apply under its lock; it lets go, catches up and tries again,
+// like after a lock timeout.
+var errSwitchPostponed = errors.New("switch postponed")
+
+// deltaWithinBudget bounds the lock window whatever writers do (a bulk
+// transaction committed while the job waited for the lock): under the lock
+// the switch applies at most what the catch-up applies in about
+// lock_timeout, at the rate it measured (never less than minSwitchBudget
+// changes).
+func (m *migration) deltaWithinBudget(ctx context.Context, tx pgx.Tx) error {
+	budget := m.switchBudget()
+	var n int64
+	if err := tx.QueryRow(ctx, "SELECT count(*) FROM (SELECT 1 FROM "+m.deltaIdent()+" LIMIT $1) d", budget+1).Scan(&n); err != nil {
+		return fmt.Errorf("measure the last delta: %w", err)
+	}
+	if n > budget {
+		return fmt.Errorf("%w: more than %d changes arrived since the last catch-up (the most the lock's budget allows); catching up outside the lock first",
+			errSwitchPostponed, budget)
+	}
+	return nil
+}
+
+// minSwitchBudget is the switch's budget before any rate was measured.
+const minSwitchBudget = 2000
+
+func (m *migration) switchBudget() int64 {
+	rate := m.applyRate.Load() // changes per second
+	return max(minSwitchBudget, rate*m.lockTimeout().Milliseconds()/1000)
 }
 
 // waitForBlockers waits (up to about ten lock attempts' worth of time) while
@@ -113,7 +153,11 @@ func (m *migration) swap(ctx context.Context, tx pgx.Tx) (*dependents, error) {
 		return nil, fmt.Errorf("capture sync: %w", err)
 	}
 	// The owner's code of the last delta runs restricted (restricted.go).
-	if _, err := m.applyDeltaTx(ctx, m.restrictedTx(tx), 0); err != nil {
+	ftx := m.restrictedTx(tx)
+	if err := m.deltaWithinBudget(ctx, ftx); err != nil {
+		return nil, err
+	}
+	if _, err := m.applyDeltaTx(ctx, ftx, 0); err != nil {
 		return nil, fmt.Errorf("final delta: %w", err)
 	}
 	if _, err := tx.Exec(ctx, catalogPath); err != nil {

@@ -49,6 +49,7 @@ type migration struct {
 	rowsCopied   atomic.Int64
 	deltaBacklog atomic.Int64
 	lockAttempts atomic.Int64
+	applyRate    atomic.Int64 // delta changes applied per second, last measured
 	waiting      atomic.Bool
 }
 
