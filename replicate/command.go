@@ -102,6 +102,43 @@ func ParseCommand(text string) (*Command, error) {
 	return c, nil
 }
 
+// CombineCommands makes one command of several ALTER TABLE statements of
+// the same table (the original pg_tat's repeated -c): their subcommands,
+// in order, in one ALTER TABLE, which PostgreSQL applies in one rewrite as
+// it applies the statements one after the other.
+func CombineCommands(texts []string) (string, error) {
+	if len(texts) == 1 {
+		return texts[0], nil
+	}
+	var first *Command
+	for i, text := range texts {
+		c, err := ParseCommand(text)
+		if err != nil {
+			return "", fmt.Errorf("command %d: %w", i+1, err)
+		}
+		if c.alter == nil {
+			return "", fmt.Errorf("%w: command %d: only ALTER TABLE subcommands can be combined with others, not %q", ErrBadCommand, i+1, text)
+		}
+		if first == nil {
+			first = c
+			continue
+		}
+		if c.Schema != first.Schema || c.Table != first.Table || c.alter.Relation.Inh != first.alter.Relation.Inh {
+			return "", fmt.Errorf("%w: every command must alter the same table the same way: command %d alters %s, command 1 %s",
+				ErrBadCommand, i+1, c.alter.Relation.Relname, first.alter.Relation.Relname)
+		}
+		first.alter.Cmds = append(first.alter.Cmds, c.alter.Cmds...)
+	}
+	out, err := pg_query.Deparse(first.tree)
+	if err != nil {
+		return "", fmt.Errorf("%w: combine commands: %v", ErrBadCommand, err)
+	}
+	if _, err := ParseCommand(out); err != nil {
+		return "", fmt.Errorf("%w: the commands cannot be combined faithfully (%q): %v", ErrBadCommand, out, err)
+	}
+	return out, nil
+}
+
 func objName(t pg_query.ObjectType) string {
 	return strings.TrimPrefix(t.String(), "OBJECT_")
 }

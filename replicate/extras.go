@@ -8,6 +8,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	pg_query "github.com/pganalyze/pg_query_go/v6"
+	"google.golang.org/protobuf/reflect/protoreflect"
 )
 
 // parseFilter checks Options.CopyDataFilter with the PostgreSQL parser and
@@ -28,6 +29,13 @@ func (m *migration) parseFilter() error {
 		sel.LimitOffset != nil || sel.LockingClause != nil || sel.WindowClause != nil {
 		return fmt.Errorf("%w: copy_data_filter must be one boolean expression", ErrBadCommand)
 	}
+	// The original pg_tat calls the original table src in the filter; the
+	// engine's queries call it t.
+	walkTree(sel.WhereClause.ProtoReflect(), func(m protoreflect.Message) {
+		if cr, ok := m.Interface().(*pg_query.ColumnRef); ok && len(cr.Fields) >= 2 && cr.Fields[0].GetString_().GetSval() == "src" {
+			cr.Fields[0] = pg_query.MakeStrNode("t")
+		}
+	})
 	expr := &pg_query.ParseResult{Version: tree.Version, Stmts: []*pg_query.RawStmt{{Stmt: &pg_query.Node{Node: &pg_query.Node_SelectStmt{
 		SelectStmt: &pg_query.SelectStmt{TargetList: []*pg_query.Node{{Node: &pg_query.Node_ResTarget{
 			ResTarget: &pg_query.ResTarget{Val: sel.WhereClause}}}}, LimitOption: pg_query.LimitOption_LIMIT_OPTION_DEFAULT, Op: pg_query.SetOperation_SETOP_NONE}}}}}}
@@ -37,6 +45,23 @@ func (m *migration) parseFilter() error {
 	}
 	m.filter = "(" + strings.TrimPrefix(out, "SELECT ") + ")"
 	return nil
+}
+
+// walkTree calls fn for m and every message below it (a parse tree's nodes).
+func walkTree(m protoreflect.Message, fn func(protoreflect.Message)) {
+	fn(m)
+	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+		switch {
+		case fd.IsMap() || fd.Message() == nil:
+		case fd.IsList():
+			for i, l := 0, v.List(); i < l.Len(); i++ {
+				walkTree(l.Get(i).Message(), fn)
+			}
+		default:
+			walkTree(v.Message(), fn)
+		}
+		return true
+	})
 }
 
 // filterAnd is " AND (filter)" for a WHERE over the original aliased t.

@@ -26,14 +26,15 @@ const usage = `usage: pg_tat [--help] [-c COMMAND] [-h HOST] [-d DBNAME] [-U USE
               [--no-switch-table] [--continue-switch-table] [--lock-timeout LOCK_TIMEOUT] [--time-between-locks TIME_BETWEEN_LOCKS] [--min-delta-rows MIN_DELTA_ROWS] [--skip-fk-validation]
               [--show-queries] [--batch-size BATCH_SIZE] [--capture {trigger,logical}] [--verify] [--install]
               [--dry-run] [--copy-data-filter SQL] [--command-before-switch SQL] [--command-after-switch SQL]
-              [--echo-queries] [--vacuum-freeze] [--catchup-timeout DURATION]
+              [--echo-queries] [--vacuum-freeze] [--catchup-timeout DURATION] [--copy-progress-interval SEC] [--version]
 
 PostgreSQL tool for alter table without locks.
 
 options:
  --help                show this help message and exit
  -c COMMAND, --command COMMAND
-                       alter table ...
+                       alter table ... (repeat it for several ALTERs of the same table: they are
+                       applied together, in one rewrite)
  -h HOST, --host HOST
  -d DBNAME, --dbname DBNAME
  -U USER, --user USER
@@ -55,7 +56,8 @@ options:
  --min-delta-rows MIN_DELTA_ROWS          switch when the backlog is below this (default 1000)
  --skip-fk-validation
  --show-queries        print every SQL statement
- --batch-size BATCH_SIZE                  rows per copy batch (default 10000)
+ --batch-size BATCH_SIZE                  rows per copy batch (default 10000; 0: each copy job copies its
+                                          whole range at once, as the original's default)
  --capture CAPTURE     trigger (default) or logical
  --verify              before the switch, prove the shadow equals the transformed table
  --install             install or upgrade schema tat (for the tatd sidecar) and exit
@@ -65,30 +67,46 @@ options:
                        are re-read with it: the new table holds the rows matching at the switch)
  --command-before-switch SQL
                        run inside the cut-over transaction, after the lock and the last delta
+                       (may be repeated: run in order)
  --command-after-switch SQL
-                       run inside the cut-over transaction, after the swap
+                       run inside the cut-over transaction, after the swap (may be repeated)
  --echo-queries        same as --show-queries
  --vacuum-freeze       VACUUM (FREEZE, ANALYZE) the new table after the load
  --catchup-timeout DURATION
                        give up (original intact) when writes outpace the catch-up this long (default 1h)
+ --copy-progress-interval SEC
+                       print a progress line this often when not on a terminal (default 5)
+ --version             print the version and exit
 `
 
 func main() {
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 
+// version is set at build time (-ldflags "-X main.version=...").
+var version = "dev"
+
+// multi is a flag that may be repeated; each value is kept, in order.
+type multi []string
+
+func (m *multi) String() string     { return strings.Join(*m, "; ") }
+func (m *multi) Set(v string) error { *m = append(*m, v); return nil }
+
 type cli struct {
-	command, host, dbname, user, password, port string
-	workMem, maintenanceWorkMem                 string
-	maxParallel, copyJobs, indexJobs, batch     int
-	cleanup, continueIdx, noSwitch, contSwitch  bool
-	lockTimeout, betweenLocks                   string
-	minDelta                                    int64
-	skipFK, showQueries, help, install, verify  bool
-	capture                                     string
-	filter, before, after                       string
-	dryRun, echo, freeze                        bool
-	catchupTimeout                              string
+	commands                                   multi
+	host, dbname, user, password, port         string
+	workMem, maintenanceWorkMem                string
+	maxParallel, copyJobs, indexJobs, batch    int
+	cleanup, continueIdx, noSwitch, contSwitch bool
+	lockTimeout, betweenLocks                  string
+	minDelta                                   int64
+	skipFK, showQueries, help, install, verify bool
+	capture                                    string
+	filter                                     string
+	before, after                              multi
+	dryRun, echo, freeze, version              bool
+	catchupTimeout, progressEvery              string
+	command                                    string // the -c commands combined
 }
 
 func parse(args []string, stderr io.Writer) (*cli, error) {
@@ -101,7 +119,8 @@ func parse(args []string, stderr io.Writer) (*cli, error) {
 			fs.StringVar(p, n, def, "")
 		}
 	}
-	str(&c.command, "", "c", "command")
+	fs.Var(&c.commands, "c", "")
+	fs.Var(&c.commands, "command", "")
 	str(&c.host, "", "h", "host")
 	str(&c.dbname, "", "d", "dbname")
 	str(&c.user, "", "U", "user")
@@ -126,8 +145,10 @@ func parse(args []string, stderr io.Writer) (*cli, error) {
 	fs.BoolVar(&c.install, "install", false, "")
 	fs.BoolVar(&c.verify, "verify", false, "")
 	str(&c.filter, "", "copy-data-filter")
-	str(&c.before, "", "command-before-switch")
-	str(&c.after, "", "command-after-switch")
+	fs.Var(&c.before, "command-before-switch", "")
+	fs.Var(&c.after, "command-after-switch", "")
+	fs.BoolVar(&c.version, "version", false, "")
+	str(&c.progressEvery, "5", "copy-progress-interval")
 	fs.BoolVar(&c.dryRun, "dry-run", false, "")
 	fs.BoolVar(&c.echo, "echo-queries", false, "")
 	fs.BoolVar(&c.freeze, "vacuum-freeze", false, "")
@@ -139,6 +160,14 @@ func parse(args []string, stderr io.Writer) (*cli, error) {
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
+	if len(c.commands) > 0 {
+		// Several -c, as the original: applied together (one ALTER TABLE).
+		cmd, err := replicate.CombineCommands(c.commands)
+		if err != nil {
+			return nil, err
+		}
+		c.command = cmd
+	}
 	return c, nil
 }
 
@@ -148,13 +177,17 @@ func (c *cli) options() (replicate.Options, error) {
 	o.Command = c.command
 	o.Capture = c.capture
 	o.CopyDataJobs, o.CreateIndexJobs, o.BatchSize = c.copyJobs, c.indexJobs, c.batch
+	if c.batch == 0 {
+		// The original's default: no batches, each job copies its range at once.
+		o.BatchSize = wholeRange
+	}
 	o.MinDeltaRows = c.minDelta
 	o.WorkMem, o.MaintenanceWorkMem = c.workMem, c.maintenanceWorkMem
 	o.MaxParallelMaintenanceWorkers = c.maxParallel
 	o.SkipFKValidation = c.skipFK
 	o.Verify = c.verify
 	o.CopyDataFilter = c.filter
-	o.CommandBeforeSwitch, o.CommandAfterSwitch = c.before, c.after
+	o.CommandBeforeSwitch, o.CommandAfterSwitch = joinStatements(c.before), joinStatements(c.after)
 	o.DryRun = c.dryRun
 	o.VacuumFreeze = c.freeze
 	o.Continue = c.continueIdx || c.contSwitch
@@ -170,6 +203,21 @@ func (c *cli) options() (replicate.Options, error) {
 		return o, fmt.Errorf("--catchup-timeout: %w", err)
 	}
 	return o, o.Validate()
+}
+
+// wholeRange is --batch-size 0: a batch larger than any table.
+const wholeRange = 1 << 30
+
+// joinStatements runs repeated --command-before-switch (or -after-switch)
+// values one after the other, in one Exec.
+func joinStatements(stmts []string) string {
+	out := make([]string, 0, len(stmts))
+	for _, s := range stmts {
+		if s = strings.TrimRight(strings.TrimSpace(s), ";"); s != "" {
+			out = append(out, s)
+		}
+	}
+	return strings.Join(out, ";\n")
 }
 
 // parseDuration accepts Go and PostgreSQL spellings ("200ms", "5s", "1min");
@@ -214,6 +262,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	if c.help {
 		fmt.Fprint(stdout, usage)
+		return 0
+	}
+	if c.version {
+		fmt.Fprintf(stdout, "pg_tat %s\n", version)
 		return 0
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -268,6 +320,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 		o.ShowQueries = func(sql string) { fmt.Fprintf(stderr, "%s;\n", sql) }
 	}
 	prog := newProgress(stdout)
+	every, err := parseDuration(c.progressEvery)
+	if err != nil || every <= 0 {
+		fmt.Fprintf(stderr, "pg_tat: --copy-progress-interval: %q is not a positive number of seconds\n", c.progressEvery)
+		return 2
+	}
+	prog.every = every
 	err = replicate.Run(ctx, pool, o, prog, nil)
 	prog.finish()
 	if err != nil {

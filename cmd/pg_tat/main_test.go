@@ -135,3 +135,63 @@ func TestFlags(t *testing.T) {
 		t.Fatalf("dsn %s", dsn)
 	}
 }
+
+// The original pg_tat's own command lines (its tests/regress/run_test.sh):
+// several -c of one table applied together, --batch-size 0, the src alias
+// of --copy-data-filter, repeated --command-after-switch, --version and
+// --copy-progress-interval.
+func TestOriginalCommandLines(t *testing.T) {
+	db := testpg.NewDB(t)
+	testpg.Exec(t, db, `create schema regress;
+		create table regress.multi_level_partitioning (id serial, directory_id int not null, ts date not null, duration int,
+		  primary key (id, ts)) partition by range (ts);
+		create table regress.multi_level_partitioning_2024_01 partition of regress.multi_level_partitioning
+		  for values from ('2024-01-01') to ('2024-02-01');
+		create table regress.multi_level_partitioning_2024_02 partition of regress.multi_level_partitioning
+		  for values from ('2024-02-01') to ('2024-03-01');
+		insert into regress.multi_level_partitioning (directory_id, ts, duration)
+		  select i % 200 + 1, '2024-01-01'::date + (i % 58), i % 10 - 2 from generate_series(1, 3000) i;
+		create table regress.after_log (what text)`)
+	run1 := func(args ...string) (int, string, string) {
+		var out, errb bytes.Buffer
+		code := run(append(connFlags(t, db), args...), &out, &errb)
+		return code, out.String(), errb.String()
+	}
+	sum := query(t, db, "select count(*) || '/' || sum(duration) from regress.multi_level_partitioning")
+	code, out, errs := run1("-c", "alter table regress.multi_level_partitioning alter column id type bigint using id::bigint",
+		"-c", "alter table regress.multi_level_partitioning alter column directory_id type bigint using directory_id::bigint",
+		"--copy-data-jobs", "2", "--create-index-jobs", "4", "--batch-size", "0", "--copy-progress-interval", "1",
+		"--command-after-switch", "insert into regress.after_log values ('one')",
+		"--command-after-switch", "insert into regress.after_log values ('two');")
+	if code != 0 {
+		t.Fatalf("several -c: exit %d: %s %s", code, out, errs)
+	}
+	if got := query(t, db, `select string_agg(attname || ':' || format_type(atttypid, atttypmod), ',' order by attnum)
+		from pg_attribute where attrelid = 'regress.multi_level_partitioning'::regclass and attname in ('id', 'directory_id')`); got != "id:bigint,directory_id:bigint" {
+		t.Fatalf("not both commands applied: %s", got)
+	}
+	if got := query(t, db, "select count(*) || '/' || sum(duration) from regress.multi_level_partitioning"); got != sum {
+		t.Fatalf("content %s, want %s", got, sum)
+	}
+	if got := query(t, db, "select string_agg(what, ',' order by what) from regress.after_log"); got != "one,two" {
+		t.Fatalf("repeated --command-after-switch ran %q", got)
+	}
+
+	// --copy-data-filter with the original's alias src for the table.
+	if code, _, errs := run1("-c", "alter table regress.multi_level_partitioning alter column duration type bigint",
+		"--copy-data-filter", "src.duration >= 0"); code != 0 {
+		t.Fatalf("filter with src: %s", errs)
+	}
+	if got := query(t, db, "select count(*) filter (where duration < 0) || '/' || count(*) from regress.multi_level_partitioning"); got != "0/2400" {
+		t.Fatalf("filtered content: %s", got)
+	}
+
+	// Commands of two tables cannot be applied together: refused, nothing done.
+	if code, _, errs := run1("-c", "alter table regress.multi_level_partitioning alter column duration type int",
+		"-c", "alter table regress.after_log alter column what type varchar"); code != 2 || !strings.Contains(errs, "same table") {
+		t.Fatalf("two tables: exit %d %s", code, errs)
+	}
+	if code, out, _ := run1("--version"); code != 0 || !strings.HasPrefix(out, "pg_tat ") {
+		t.Fatalf("--version: %d %q", code, out)
+	}
+}

@@ -26,6 +26,7 @@ type progress struct {
 	lastAt   time.Time
 	rate     float64
 	drawn    bool
+	every    time.Duration // a line this often when not on a terminal (--copy-progress-interval)
 }
 
 func newProgress(out io.Writer) *progress {
@@ -35,7 +36,7 @@ func newProgress(out io.Writer) *progress {
 			tty = true
 		}
 	}
-	return &progress{out: out, tty: tty, start: time.Now()}
+	return &progress{out: out, tty: tty, start: time.Now(), every: 5 * time.Second}
 }
 
 func (p *progress) Event(_ context.Context, phase, msg string) {
@@ -72,7 +73,7 @@ func (p *progress) Progress(_ context.Context, pr replicate.Progress) {
 		p.drawn = true
 		return
 	}
-	if now.Sub(p.last) >= 5*time.Second {
+	if now.Sub(p.last) >= p.every {
 		p.last = now
 		fmt.Fprintln(p.out, line)
 	}
