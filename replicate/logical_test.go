@@ -415,6 +415,54 @@ func TestLogicalRefusals(t *testing.T) {
 		}
 		e.assertNoCapture()
 	})
+	t.Run("replica identity index beside the primary key", func(t *testing.T) {
+		// The stream carries the identity's columns (code), not the primary
+		// key's: code is the key, under a writer that changes both.
+		e := newEnv(t)
+		e.exec(`create table t (id int primary key, code text not null unique, a int);
+			alter table t replica identity using index t_code_key;
+			create table c (id int primary key, code text not null unique, a int);
+			insert into t select g, 'c' || g, g from generate_series(1, 3000) g; insert into c select * from t`)
+		stop := make(chan struct{})
+		done := make(chan error, 1)
+		go func() {
+			i := 0
+			for {
+				select {
+				case <-stop:
+					done <- nil
+					return
+				default:
+				}
+				i++
+				err := pgx.BeginFunc(context.Background(), e.pool, func(tx pgx.Tx) error {
+					for _, tbl := range []string{"t", "c"} {
+						if _, err := tx.Exec(context.Background(), "update "+tbl+" set a = a + 1, code = code || 'x' where id = $1", i%3000+1); err != nil {
+							return err
+						}
+						if _, err := tx.Exec(context.Background(), "delete from "+tbl+" where id = $1", 3000-i%1500); err != nil {
+							return err
+						}
+					}
+					return nil
+				})
+				if err != nil {
+					done <- err
+					return
+				}
+			}
+		}()
+		err := e.run(logicalOpts("alter table t alter column a type bigint"))
+		close(stop)
+		if werr := <-done; werr != nil {
+			t.Fatal(werr)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.assertSame("t", "c", "id, code, a")
+		e.assertNoCapture()
+	})
 }
 
 // An interrupted run (crash mid-copy, mid-catch-up) leaves no slot and no

@@ -34,6 +34,7 @@ type table struct {
 	ToastOptions []string
 	Columns      []column
 	Key          []string // key column names (original names)
+	replIdentKey bool     // the key is the replica identity index when there is one (logical capture)
 	KeyTypes     []string
 	EstRows      int64
 	Fingerprint  string // of columns, indexes and constraints: concurrent DDL changes it
@@ -203,7 +204,9 @@ where a.attrelid = $1 and a.attnum > 0 and not a.attisdropped
 order by a.attnum`
 
 // qKey picks the key for copy ranges and delta apply: the primary key, else
-// the narrowest valid, non-partial, non-expression unique index on NOT NULL columns.
+// the narrowest valid, non-partial, non-expression unique index on NOT NULL
+// columns; with $2 (logical capture) the replica identity index first, since
+// its columns are what the stream carries of a deleted or updated row.
 const qKey = `
 select array_agg(a.attname order by k.ord), array_agg(format_type(a.atttypid, a.atttypmod) order by k.ord)
 from (
@@ -213,7 +216,7 @@ from (
     and i.indpred is null and i.indexprs is null
     and not exists (select 1 from unnest(i.indkey[0:i.indnkeyatts - 1]) k(n) join pg_attribute a
                     on a.attrelid = i.indrelid and a.attnum = k.n where not a.attnotnull or ` + qNotNullInvalid + `)
-  order by i.indisprimary desc, i.indnatts, i.indexrelid
+  order by i.indisreplident and $2 desc, i.indisprimary desc, i.indnatts, i.indexrelid
   limit 1) i,
   unnest(i.indkey[0:(select indnkeyatts from pg_index where indexrelid = i.indexrelid) - 1]) with ordinality k(n, ord)
   join pg_attribute a on a.attrelid = $1 and a.attnum = k.n
@@ -221,7 +224,7 @@ group by i.indexrelid`
 
 // loadTable reads the table's definition. rel is a quoted, possibly
 // schema-qualified name resolved with the session's search_path.
-func loadTable(ctx context.Context, conn pgx.Tx, schema, name string) (*table, error) {
+func loadTable(ctx context.Context, conn pgx.Tx, schema, name string, replIdentKey bool) (*table, error) {
 	var oid uint32
 	var rel string
 	if schema != "" {
@@ -255,7 +258,8 @@ func loadTable(ctx context.Context, conn pgx.Tx, schema, name string) (*table, e
 		return nil, fmt.Errorf("read columns of %s: %w", rel, err)
 	}
 	t.Columns = cols
-	err = conn.QueryRow(ctx, qKey, oid).Scan(&t.Key, &t.KeyTypes)
+	t.replIdentKey = replIdentKey
+	err = conn.QueryRow(ctx, qKey, oid, replIdentKey).Scan(&t.Key, &t.KeyTypes)
 	if errors.Is(err, pgx.ErrNoRows) || len(t.Key) == 0 {
 		return nil, fmt.Errorf("%s: %w", rel, ErrNoKey)
 	}
@@ -476,7 +480,7 @@ func checkInheritedKeys(ctx context.Context, conn pgx.Tx, t *table) error {
 		}
 		var key []string
 		var types []string
-		err := conn.QueryRow(ctx, qKey, p.OID).Scan(&key, &types)
+		err := conn.QueryRow(ctx, qKey, p.OID, t.replIdentKey).Scan(&key, &types)
 		if err != nil && !errors.Is(err, pgx.ErrNoRows) {
 			return fmt.Errorf("find key of %s: %w", ident(p.Schema, p.Name), err)
 		}
