@@ -168,6 +168,11 @@ func (l *Listener) Run(ctx context.Context) error {
 		// lets the max_active_sessions throttle leave tatd's own sessions out
 		pcfg.ConnConfig.RuntimeParams["application_name"] = "tatd"
 	}
+	// tatd's own queries never call what a table owner may plant in a
+	// schema of the default search_path (public): a function there that
+	// matches without the cast pg_catalog's needs would run with tatd's
+	// rights. (The engine gives the owner's code its usual search_path.)
+	pcfg.ConnConfig.RuntimeParams["search_path"] = "pg_catalog, pg_temp"
 	pool, err := pgxpool.NewWithConfig(ctx, pcfg)
 	if err != nil {
 		return fmt.Errorf("listener: open pool: %w", err)

@@ -224,10 +224,15 @@ func (m *migration) dropShadow(ctx context.Context) error {
 
 // Cleanup drops every leftover of an earlier run on table (shadow, delta,
 // state, capture triggers and function), leaving the table itself untouched.
-func Cleanup(ctx context.Context, pool *pgxpool.Pool, tableName string) error {
+func Cleanup(ctx context.Context, caller *pgxpool.Pool, tableName string) error {
+	pool, err := pinnedPool(ctx, caller)
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
 	var schema, name string
-	err := pool.QueryRow(ctx, `select n.nspname, c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace
-		where c.oid = to_regclass($1)`, tableName).Scan(&schema, &name)
+	err = caller.QueryRow(ctx, `select n.nspname, c.relname from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace
+		where c.oid = pg_catalog.to_regclass($1::text)`, tableName).Scan(&schema, &name)
 	if err != nil {
 		return fmt.Errorf("cleanup: table %s: %w", tableName, err)
 	}
@@ -239,7 +244,7 @@ func Cleanup(ctx context.Context, pool *pgxpool.Pool, tableName string) error {
 	// The login role of a run that died (see sandbox.go).
 	var db, rel uint32
 	if err := pool.QueryRow(ctx, `select d.oid, to_regclass($1)::oid from pg_database d where d.datname = current_database()`,
-		tableName).Scan(&db, &rel); err != nil {
+		ident(schema, name)).Scan(&db, &rel); err != nil {
 		return fmt.Errorf("cleanup: table %s: %w", tableName, err)
 	}
 	if err := dropRunRole(ctx, pool, runRoleName(db, rel)); err != nil {
@@ -321,9 +326,11 @@ func cleanup(ctx context.Context, pool *pgxpool.Pool, schema, name string, m *mi
 // left: the job is done) from one that rolled back (continue it).
 func HasEarlierRun(ctx context.Context, pool *pgxpool.Pool, tableName string) (bool, error) {
 	var left bool
-	err := pool.QueryRow(ctx, `select exists(select 1 from pg_class c join pg_namespace n on n.oid = c.relnamespace
-		join pg_class t on t.relnamespace = n.oid and t.oid = to_regclass($1)
-		where c.relname = left(t.relname, 63 - length('__tat_state')) || '__tat_state')`, tableName).Scan(&left)
+	// Qualified throughout: this runs in the caller's session, whose
+	// search_path may reach functions a table owner planted.
+	err := pool.QueryRow(ctx, `select exists(select 1 from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace
+		join pg_catalog.pg_class t on t.relnamespace = n.oid and t.oid = pg_catalog.to_regclass($1::text)
+		where c.relname = pg_catalog.left(t.relname::text, 63 - pg_catalog.length('__tat_state')) || '__tat_state')`, tableName).Scan(&left)
 	if err != nil {
 		return false, fmt.Errorf("look for an earlier run on %s: %w", tableName, err)
 	}

@@ -14,7 +14,7 @@ import (
 type dependents struct {
 	before   []string // run before DROP TABLE
 	after    []string // run after the rename
-	validate []string // VALIDATE CONSTRAINT, after commit
+	validate []fkCheck // VALIDATE CONSTRAINT, after commit
 	identity []identitySeq
 
 	ver        int             // server_version_num
@@ -349,7 +349,7 @@ func (m *migration) addFK(d *dependents, tbl, name, def string) string {
 	if !strings.HasSuffix(def, " NOT VALID") && !strings.HasSuffix(def, " NOT ENFORCED") {
 		def += " NOT VALID"
 		if !m.opts.SkipFKValidation {
-			d.validate = append(d.validate, "ALTER TABLE "+tbl+" VALIDATE CONSTRAINT "+qi(name))
+			d.validate = append(d.validate, fkCheck{Table: tbl, Name: name})
 		}
 	}
 	return "ALTER TABLE " + tbl + " ADD CONSTRAINT " + qi(name) + " " + def
@@ -574,7 +574,7 @@ func (m *migration) depInboundFKs(ctx context.Context, tx pgx.Tx, d *dependents,
 		}
 		d.after = append(d.after, "ALTER TABLE "+f[0]+" ADD CONSTRAINT "+qi(f[1])+" "+def)
 		if f[3] == "true" && !m.opts.SkipFKValidation {
-			d.validate = append(d.validate, "ALTER TABLE "+f[0]+" VALIDATE CONSTRAINT "+qi(f[1]))
+			d.validate = append(d.validate, fkCheck{Table: f[0], Name: f[1]})
 		}
 	}
 	return nil

@@ -99,8 +99,20 @@ func (m *migration) switchCommand(ctx context.Context, tx pgx.Tx, sql, what stri
 			return fmt.Errorf("%s: act as %s: %w", what, m.opts.RunAs, err)
 		}
 	}
+	// The caller's names resolve as in her own session, not with the
+	// engine's pinned search_path; the engine's is back right after.
+	path, err := m.ownerPath(ctx)
+	if err != nil {
+		return err
+	}
+	if _, err := tx.Exec(ctx, "SELECT pg_catalog.set_config('search_path', $1, true)", path); err != nil {
+		return err
+	}
 	if _, err := m.exec(ctx, tx, sql); err != nil {
 		return fmt.Errorf("%s: %w", what, err)
+	}
+	if _, err := tx.Exec(ctx, "SET LOCAL search_path = "+enginePath); err != nil {
+		return err
 	}
 	if m.opts.RunAs != "" {
 		if _, err := tx.Exec(ctx, "RESET ROLE"); err != nil {

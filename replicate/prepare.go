@@ -138,6 +138,9 @@ func (m *migration) prepareShadow(ctx context.Context, committed *bool) error {
 	}
 	defer tx.Rollback(ctx) //nolint:errcheck
 	t := m.t
+	if err := m.refusePartitionKeyCode(ctx, tx); err != nil {
+		return err
+	}
 	p := &plan{
 		Shadow: shadowName(t.Name, "__tat_new"), Delta: shadowName(t.Name, "__tat_delta"),
 		State: shadowName(t.Name, "__tat_state"), Schema: t.Schema, Table: t.Name, TableID: t.OID,
@@ -281,6 +284,21 @@ func (m *migration) prepareShadow(ctx context.Context, committed *bool) error {
 		// scan of the new partition under the switch's lock.
 		stmts = append(stmts, "ALTER TABLE "+shadow+" ADD CONSTRAINT "+qi(boundCheckName)+" CHECK ("+t.Parent.BoundCheck+")")
 	}
+	// CHECK constraints of a partition's own (not inherited from its parent)
+	// are copied to that partition's shadow; the ALTER then sees them as it
+	// would in place. They are created with the (empty) tables, in the same
+	// transaction: added later by the engine's role (handOver), a CHECK would
+	// evaluate her expression on rows she could have put there meanwhile.
+	for _, pt := range t.Partitions {
+		cks, err := m.q(ctx, tx, `select conname, pg_get_constraintdef(oid) from pg_constraint
+			where conrelid = $1 and contype = 'c' and conislocal and coninhcount = 0 order by conname`, pt.OID)
+		if err != nil {
+			return err
+		}
+		for _, c := range cks {
+			stmts = append(stmts, "ALTER TABLE "+ident(pt.Schema, partShadow(pt))+" ADD CONSTRAINT "+qi(c[0])+" "+c[1])
+		}
+	}
 	owned := []string{"TABLE " + shadow}
 	for _, pt := range t.Partitions {
 		owned = append(owned, "TABLE "+ident(pt.Schema, partShadow(pt)))
@@ -356,21 +374,6 @@ func (m *migration) prepareShadow(ctx context.Context, committed *bool) error {
 			where i.indrelid = $1 and i.indisreplident`, t.OID).Scan(&ri); err == nil && p.IndexMap[ri] != "" {
 			if _, err := m.exec(ctx, ddl, "ALTER TABLE "+shadow+" REPLICA IDENTITY USING INDEX "+qi(p.IndexMap[ri])); err != nil {
 				return err
-			}
-		}
-	}
-	// CHECK constraints of a partition's own (not inherited from its parent)
-	// are copied to that partition's shadow; the ALTER then sees them as it
-	// would in place.
-	for _, pt := range t.Partitions {
-		cks, err := m.q(ctx, tx, `select conname, pg_get_constraintdef(oid) from pg_constraint
-			where conrelid = $1 and contype = 'c' and conislocal and coninhcount = 0 order by conname`, pt.OID)
-		if err != nil {
-			return err
-		}
-		for _, c := range cks {
-			if _, err := m.exec(ctx, ddl, "ALTER TABLE "+ident(pt.Schema, partShadow(pt))+" ADD CONSTRAINT "+qi(c[0])+" "+c[1]); err != nil {
-				return fmt.Errorf("copy check %s of partition %s: %w", c[0], pt.Name, err)
 			}
 		}
 	}
@@ -488,6 +491,34 @@ func (m *migration) prepareShadow(ctx context.Context, committed *bool) error {
 			m.plan = nil
 			return err
 		}
+	}
+	return nil
+}
+
+// refusePartitionKeyCode: in partial mode the switch attaches the new
+// partition as the engine's role. ATTACH PARTITION scans nothing when the
+// shadow's CHECK proves the bound, but the owner of the shadow (or of the
+// default partition) can drop that proof, and the scan would evaluate the
+// partition key, with the engine's rights. A key that calls functions other
+// than PostgreSQL's own is therefore refused when the owner's code runs in
+// the sandbox.
+func (m *migration) refusePartitionKeyCode(ctx context.Context, tx pgx.Tx) error {
+	if m.t.Parent == nil || m.sb == nil || m.sb.mode != modeLogin {
+		return nil
+	}
+	var fns string
+	err := tx.QueryRow(ctx, `select coalesce(string_agg(distinct p.oid::regprocedure::text, ', '), '')
+		from pg_partition_ancestors($1) a
+		join pg_partitioned_table pt on pt.partrelid = a.relid and pt.partexprs is not null
+		join pg_depend d on d.classid = 'pg_class'::regclass and d.objid = pt.partrelid and d.refclassid = 'pg_proc'::regclass
+		join pg_proc p on p.oid = d.refobjid
+		where p.pronamespace <> 'pg_catalog'::regnamespace`, m.t.OID).Scan(&fns)
+	if err != nil {
+		return fmt.Errorf("read the partition keys above %s: %w", m.tableRef(), err)
+	}
+	if fns != "" {
+		return fmt.Errorf("%w: the partition key above %s calls %s, which attaching the new partition could evaluate with the sidecar's rights; "+
+			"run this migration as the table's owner (pg_tat CLI with her credentials)", errDenied, m.tableRef(), fns)
 	}
 	return nil
 }

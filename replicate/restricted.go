@@ -86,17 +86,29 @@ func (m *migration) restricted() bool { return m.sb != nil && m.sb.mode == modeL
 // attempt, and reads the sandbox's search_path for the statements'
 // unqualified names (a USING expression runs as written).
 func (m *migration) setupRestricted(ctx context.Context) error {
-	if !m.restricted() || m.sb.path != "" {
+	if !m.restricted() || m.sb.exec {
 		return nil
 	}
-	if err := m.pool.QueryRow(ctx, "SELECT current_setting('search_path')").Scan(&m.sb.path); err != nil {
+	if _, err := m.ownerPath(ctx); err != nil {
 		return err
 	}
+	m.sb.exec = true
 	stmts, owned := m.restrictedObjects()
 	if err := m.createOwned(ctx, m.pool, stmts, owned); err != nil {
 		return fmt.Errorf("create %s: %w", m.execName(), err)
 	}
 	return nil
+}
+
+// ownerPath is the search_path of the owner's sandbox sessions (the
+// caller's usual one), read once.
+func (m *migration) ownerPath(ctx context.Context) (string, error) {
+	if m.sb.path == "" {
+		if err := m.pool.QueryRow(ctx, "SELECT current_setting('search_path')").Scan(&m.sb.path); err != nil {
+			return "", err
+		}
+	}
+	return m.sb.path, nil
 }
 
 // checkNoTemp fails the switch when the owner's code left temporary
@@ -107,7 +119,11 @@ func checkNoTemp(ctx context.Context, tx pgx.Tx) error {
 	err := tx.QueryRow(ctx, `select (select count(*) from pg_catalog.pg_class where relnamespace = pg_catalog.pg_my_temp_schema())
 		+ (select count(*) from pg_catalog.pg_type where typnamespace = pg_catalog.pg_my_temp_schema())
 		+ (select count(*) from pg_catalog.pg_proc where pronamespace = pg_catalog.pg_my_temp_schema())
-		+ (select count(*) from pg_catalog.pg_operator where oprnamespace = pg_catalog.pg_my_temp_schema())`).Scan(&n)
+		+ (select count(*) from pg_catalog.pg_operator where oprnamespace = pg_catalog.pg_my_temp_schema())
+		+ (select count(*) from pg_catalog.pg_collation where collnamespace = pg_catalog.pg_my_temp_schema())
+		+ (select count(*) from pg_catalog.pg_ts_config where cfgnamespace = pg_catalog.pg_my_temp_schema())
+		+ (select count(*) from pg_catalog.pg_ts_dict where dictnamespace = pg_catalog.pg_my_temp_schema())
+		+ (select count(*) from pg_catalog.pg_conversion where connamespace = pg_catalog.pg_my_temp_schema())`).Scan(&n)
 	if err != nil {
 		return err
 	}
@@ -134,8 +150,21 @@ func (o *ownerTx) run(ctx context.Context, mode, sql string, args []any) ([][]*s
 		text, mode, o.m.sb.path); err != nil {
 		return nil, err
 	}
+	before, err := o.viewOID(ctx, view)
+	if err != nil {
+		return nil, err
+	}
 	if _, err := o.Tx.Exec(ctx, "REFRESH MATERIALIZED VIEW "+view); err != nil {
 		return nil, err
+	}
+	// Her code ran inside the REFRESH, in this transaction: it may have
+	// renamed the view and put a view of hers (whose query would run as
+	// us) under its name. The name must still be the view REFRESH locked
+	// (no other session can change that now).
+	if after, err := o.viewOID(ctx, view); err != nil {
+		return nil, err
+	} else if after != before {
+		return nil, fmt.Errorf("%s was replaced during its refresh; nothing was switched", view)
 	}
 	rows, err := o.Tx.Query(ctx, "SELECT r FROM "+view)
 	if err != nil {
@@ -146,6 +175,18 @@ func (o *ownerTx) run(ctx context.Context, mode, sql string, args []any) ([][]*s
 		return nil, err
 	}
 	return out, checkNoTemp(ctx, o.Tx)
+}
+
+// viewOID is the materialized view that name resolves to (an error for
+// anything else: reading a view or a table of hers could run her code).
+func (o *ownerTx) viewOID(ctx context.Context, name string) (uint32, error) {
+	var oid uint32
+	err := o.Tx.QueryRow(ctx, `select c.oid from pg_catalog.pg_class c
+		where c.oid = pg_catalog.to_regclass($1::text) and c.relkind = 'm'`, name).Scan(&oid)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return 0, fmt.Errorf("%s is not the materialized view the switch created; nothing was switched", name)
+	}
+	return oid, err
 }
 
 func (o *ownerTx) Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error) {

@@ -26,9 +26,10 @@ type migration struct {
 	// (sandbox.go); admin is the caller's pool: catalog reads, the locks
 	// and DDL of the switch (dependents of other owners) and cleanup,
 	// never a statement that evaluates the owner's code.
-	pool  *pgxpool.Pool
-	admin *pgxpool.Pool
-	opts  Options
+	pool   *pgxpool.Pool
+	admin  *pgxpool.Pool
+	caller *pgxpool.Pool // the caller's own pool: its settings (search_path) are the owner's sandbox's
+	opts   Options
 	rep   Reporter
 	ctl   Control
 	cmd   *Command
@@ -36,7 +37,7 @@ type migration struct {
 	plan  *plan
 	sb    *sandbox // who m.pool's sessions are (sandbox.go)
 
-	validations []string // VALIDATE CONSTRAINT statements left by the switch
+	validations []fkCheck // foreign keys the switch re-created NOT VALID
 	swapped     bool
 	filter      string // CopyDataFilter as deparsed by the parser, or ""
 	capture     capture
@@ -70,8 +71,44 @@ func Run(ctx context.Context, pool *pgxpool.Pool, opts Options, rep Reporter, ct
 	if cmd.Schema == "" && opts.Schema != "" {
 		cmd.Schema, cmd.qualified = opts.Schema, true
 	}
-	m := &migration{pool: pool, admin: pool, opts: opts, rep: rep, ctl: ctl, cmd: cmd}
+	if cmd.Schema == "" {
+		// As the caller's session resolves it (ALTER TABLE would), once:
+		// the engine's own sessions have a search_path of their own.
+		err := pool.QueryRow(ctx, `select n.nspname::text from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace
+			where c.oid = pg_catalog.to_regclass($1::text)`, qi(cmd.Table)).Scan(&cmd.Schema)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return fmt.Errorf("%w: table %s does not exist", ErrBadCommand, qi(cmd.Table))
+		} else if err != nil {
+			return fmt.Errorf("resolve table %s: %w", qi(cmd.Table), err)
+		}
+		cmd.qualified = true
+	}
+	admin, err := pinnedPool(ctx, pool)
+	if err != nil {
+		return err
+	}
+	defer admin.Close()
+	m := &migration{pool: admin, admin: admin, caller: pool, opts: opts, rep: rep, ctl: ctl, cmd: cmd}
 	return m.run(ctx)
+}
+
+// enginePath is the search_path of the engine's own sessions: a function
+// or type a table owner plants in a schema of the caller's search_path
+// (public) must never be what the engine's queries call, with its rights.
+const enginePath = "pg_catalog, pg_temp"
+
+// pinnedPool is a pool like the caller's whose sessions have enginePath.
+func pinnedPool(ctx context.Context, pool *pgxpool.Pool) (*pgxpool.Pool, error) {
+	cfg := pool.Config().Copy()
+	if cfg.ConnConfig.RuntimeParams == nil {
+		cfg.ConnConfig.RuntimeParams = map[string]string{}
+	}
+	cfg.ConnConfig.RuntimeParams["search_path"] = enginePath
+	p, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("connect: %w", err)
+	}
+	return p, nil
 }
 
 func (m *migration) run(ctx context.Context) error {

@@ -41,7 +41,8 @@ type sandbox struct {
 	owner string
 	role  string // the run's login role (modeLogin)
 	me    string // the engine's role (m.admin's current_user)
-	path  string // the sandbox's search_path (restricted.go)
+	path  string // the sandbox's search_path (ownerPath)
+	exec  bool   // T__tat_exec exists (restricted.go)
 	// handOver: the owner may not create in the table's schema (PostgreSQL
 	// 15+ grants no CREATE on public), so the engine's role, a superuser,
 	// creates the objects she must own and hands them over at once.
@@ -100,11 +101,25 @@ func (m *migration) openSandbox(ctx context.Context) (func(), error) {
 			sb.handOver = true
 		}
 	}
+	if sb.mode == modeLogin {
+		if err := sandboxVersion(m.t.Version); err != nil {
+			return nil, err
+		}
+	}
 	if sb.mode == modeLogin && !meSuper && !meCreateRole {
 		return nil, fmt.Errorf("%w: %s must be a superuser or have CREATEROLE to run the code of %s (the owner of %s) in sessions of its own",
 			errDenied, sb.me, sb.owner, m.tableRef())
 	}
-	cfg := m.admin.Config().Copy()
+	// Like the caller's sessions (not the engine's pinned ones): the
+	// owner's code resolves its names as it would in place.
+	src := m.caller
+	if src == nil {
+		src = m.admin
+	}
+	cfg := src.Config().Copy()
+	if cfg.ConnConfig.RuntimeParams["search_path"] == enginePath {
+		delete(cfg.ConnConfig.RuntimeParams, "search_path") // a caller's own sessions pinned like the engine's (tatd)
+	}
 	// row_security = off: a query that row-level security would filter
 	// fails instead (as in pg_dump), so the copy can never silently miss
 	// rows that policies hide from the owner (FORCE ROW LEVEL SECURITY).
@@ -157,6 +172,20 @@ func (m *migration) openSandbox(ctx context.Context) (func(), error) {
 	}
 	m.sb, m.pool = sb, p
 	return func() { m.pool = m.admin; p.Close(); drop() }, nil
+}
+
+// sandboxFixed: the first minor release of each major that fixed the known
+// escapes from PostgreSQL's own sandboxes (security-restricted operations:
+// CVE-2020-25695, CVE-2022-1552, CVE-2023-2454; SET ROLE reset:
+// CVE-2024-10978), which the last delta under the switch's lock relies on.
+var sandboxFixed = map[int]int{13: 130018, 14: 140015, 15: 150010, 16: 160006, 17: 170002}
+
+func sandboxVersion(v int) error {
+	if min, ok := sandboxFixed[v/10000]; ok && v < min {
+		return fmt.Errorf("%w: PostgreSQL %d.%d has known escapes from the sandbox that runs the table owner's code; "+
+			"update the server to %d.%d or later, or run the migration as the table's owner", errDenied, v/10000, v%10000, min/10000, min%10000)
+	}
+	return nil
 }
 
 // errDenied is a refusal for lack of privilege (SQLSTATE 42501 for callers
