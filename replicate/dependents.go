@@ -12,8 +12,8 @@ import (
 // and put back on the new table after the rename, all inside the cut-over
 // transaction. It is read under the cut-over's lock, so it is current.
 type dependents struct {
-	before   []string // run before DROP TABLE
-	after    []string // run after the rename
+	before   []string  // run before DROP TABLE
+	after    []string  // run after the rename
 	validate []fkCheck // VALIDATE CONSTRAINT, after commit
 	identity []identitySeq
 

@@ -30,12 +30,12 @@ type migration struct {
 	admin  *pgxpool.Pool
 	caller *pgxpool.Pool // the caller's own pool: its settings (search_path) are the owner's sandbox's
 	opts   Options
-	rep   Reporter
-	ctl   Control
-	cmd   *Command
-	t     *table
-	plan  *plan
-	sb    *sandbox // who m.pool's sessions are (sandbox.go)
+	rep    Reporter
+	ctl    Control
+	cmd    *Command
+	t      *table
+	plan   *plan
+	sb     *sandbox // who m.pool's sessions are (sandbox.go)
 
 	validations []fkCheck // foreign keys the switch re-created NOT VALID
 	swapped     bool
