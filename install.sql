@@ -328,19 +328,21 @@ begin
 end
 $$;
 
--- Returns cmd without its trailing ';' (and what follows it: blanks and
--- comments); raises 42601 when another statement follows. Understands
+-- The statements of cmd, split at its top-level ';' (each trimmed, without
+-- the ';'; blanks and comments alone are no statement). Understands
 -- 'strings' (with '' and E'\'' escapes), "identifiers", $tag$ dollar quotes $tag$,
 -- -- line comments and nested /* block comments */.
-create or replace function tat._single_statement(cmd text) returns text
+create or replace function tat._statements(cmd text) returns text[]
 language plpgsql immutable set search_path = pg_catalog, pg_temp
 as $$
 declare
+    out   text[] := '{}';
+    start int := 1;
+    body  boolean := false;
     n     int := length(cmd);
     i     int := 1;
     c     text;
     nxt   text;
-    semi  int := 0;
     esc   boolean;
     depth int;
     tag   text;
@@ -349,11 +351,8 @@ begin
     while i <= n loop
         c := substr(cmd, i, 1);
         nxt := substr(cmd, i + 1, 1);
-        if semi > 0 and c !~ '^\s$' and c <> ';'
-           and not (c = '-' and nxt = '-') and not (c = '/' and nxt = '*') then
-            raise exception using errcode = '42601',
-                message = 'tat.alter takes exactly one statement',
-                detail = format('More text follows the ";" at position %s.', semi);
+        if c !~ '^\s$' and c <> ';' and not (c = '-' and nxt = '-') and not (c = '/' and nxt = '*') then
+            body := true;
         end if;
         if c = '''' then
             esc := i > 1 and lower(substr(cmd, i - 1, 1)) = 'e'
@@ -420,16 +419,36 @@ begin
             end if;
             i := i + length(tag) + p - 1 + length(tag);
         else
-            if c = ';' and semi = 0 then
-                semi := i;
+            if c = ';' then
+                if body then
+                    out := out || btrim(substr(cmd, start, i - start), E' \t\r\n\f');
+                end if;
+                start := i + 1;
+                body := false;
             end if;
             i := i + 1;
         end if;
     end loop;
-    if semi > 0 then
-        return rtrim(substr(cmd, 1, semi - 1), E' \t\r\n\f');
+    if body then
+        out := out || btrim(substr(cmd, start), E' \t\r\n\f');
     end if;
-    return rtrim(cmd, E' \t\r\n\f');
+    return out;
+end
+$$;
+
+-- cmd without its trailing ';' (and what follows it: blanks and comments);
+-- raises 42601 when another statement follows.
+create or replace function tat._single_statement(cmd text) returns text
+language plpgsql immutable set search_path = pg_catalog, pg_temp
+as $$
+declare
+    s text[] := tat._statements(cmd);
+begin
+    if cardinality(s) > 1 then
+        raise exception using errcode = '42601', message = 'tat.alter takes exactly one statement',
+            detail = format('More text follows the first ";": %L.', left(s[2], 40));
+    end if;
+    return coalesce(s[1], '');
 end
 $$;
 
@@ -444,6 +463,8 @@ create or replace function tat._command_table_name(cmd text) returns text
 language plpgsql immutable set search_path = pg_catalog, pg_temp
 as $$
 declare
+    stmts text[];
+    k     int;
     s     text;
     p     int;
     m     text[];
@@ -452,7 +473,22 @@ begin
     if cmd is null or btrim(cmd, E' \t\r\n\f;') = '' then
         return null;
     end if;
-    s := tat._single_statement(cmd);
+    -- Several statements are accepted when they all alter the same table
+    -- (as several -c of the pg_tat CLI): tatd applies them together.
+    stmts := tat._statements(cmd);
+    for k in 2 .. coalesce(cardinality(stmts), 0) loop
+        begin
+            s := tat._command_table_name(stmts[k]);
+        exception when others then
+            s := null;
+        end;
+        if s is null or s is distinct from tat._command_table_name(stmts[1]) then
+            raise exception using errcode = '42601',
+                message = 'tat.alter takes exactly one statement (or several ALTER TABLE statements of one table)',
+                detail = format('Statement %s is %L.', k, left(stmts[k], 60));
+        end if;
+    end loop;
+    s := coalesce(stmts[1], '');
     -- skip leading blanks and comments
     loop
         s := ltrim(s, E' \t\r\n\f');
@@ -679,7 +715,7 @@ begin
     if j.command is null or btrim(j.command, E' \t\r\n\f;') = '' then
         raise exception using errcode = '22023', message = 'command must not be empty';
     end if;
-    j.command := tat._single_statement(j.command);
+    j.command := array_to_string(tat._statements(j.command), E';\n');
     select c.oid, c.relkind, c.relpersistence, c.relowner, n.nspname, c.relname
       into cls
       from pg_class c join pg_namespace n on n.oid = c.relnamespace
@@ -1298,6 +1334,6 @@ grant execute on function tat.cancel(bigint), tat.pause(bigint), tat.resume(bigi
 -- helpers the invoker-rights code calls
 -- (and the views, the policies, which call functions as the querying role)
 grant execute on function tat._may_control(name, name, oid, text), tat._sees_all(),
-                          tat._single_statement(text), tat._command_table_name(text),
+                          tat._statements(text), tat._single_statement(text), tat._command_table_name(text),
                           tat._migrations_check(tat.migrations), tat._refuse_caller_sql(jsonb),
                           tat._resolve_options(jsonb), tat._check_logical_capture() to public;

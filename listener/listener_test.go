@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -441,5 +442,40 @@ func TestLongRunRecordsItsEnd(t *testing.T) {
 	}
 	if n, _ := runs.Load("alter table t add column x int"); *n.(*int) != 1 {
 		t.Fatalf("run %d times", *n.(*int))
+	}
+}
+
+// Several ALTER TABLE statements of one table in one tat.alter (as the
+// pg_tat CLI's repeated -c) are applied together by one job.
+func TestSeveralStatementsOneJob(t *testing.T) {
+	t.Parallel()
+	db := testpg.NewDB(t)
+	testpg.Install(t, db)
+	testpg.Exec(t, db, `create table pair (id int primary key, a int, b int);
+		insert into pair select g, g, -g from generate_series(1, 3000) g`)
+	stop := start(t, Config{DatabaseURL: db, PollInterval: 200 * time.Millisecond})
+	defer stop()
+	pool := testpg.Pool(t, db)
+	var id int64
+	if err := pool.QueryRow(context.Background(), `select tat.alter('alter table pair alter column a type bigint;
+		alter table pair alter column b type bigint using b * 2;')`).Scan(&id); err != nil {
+		t.Fatal(err)
+	}
+	var state string
+	if err := pool.QueryRow(context.Background(), "select tat.wait($1, '2 min')", id).Scan(&state); err != nil {
+		t.Fatal(err)
+	}
+	var types string
+	var sum int64
+	if err := pool.QueryRow(context.Background(), `select string_agg(format_type(atttypid, atttypmod), ',' order by attnum),
+		(select sum(b) from pair) from pg_attribute where attrelid = 'pair'::regclass and attname in ('a', 'b')`).Scan(&types, &sum); err != nil {
+		t.Fatal(err)
+	}
+	if types != "bigint,bigint" || sum != -3000*3001 {
+		t.Fatalf("%s: types %s, sum(b) %d", state, types, sum)
+	}
+	if _, err := pool.Exec(context.Background(), `select tat.alter('alter table pair add x int; alter table other add y int')`); err == nil ||
+		!strings.Contains(err.Error(), "exactly one statement") {
+		t.Fatalf("statements of two tables: %v", err)
 	}
 }

@@ -102,6 +102,11 @@ func ParseCommand(text string) (*Command, error) {
 	return c, nil
 }
 
+// SplitStatements splits text into its statements, with the real parser.
+func SplitStatements(text string) ([]string, error) {
+	return pg_query.SplitWithParser(text, true)
+}
+
 // CombineCommands makes one command of several ALTER TABLE statements of
 // the same table (the original pg_tat's repeated -c): their subcommands,
 // in order, in one ALTER TABLE, which PostgreSQL applies in one rewrite as

@@ -116,6 +116,15 @@ func Options(j Job) (replicate.Options, error) {
 		}
 	}
 	o.Continue = ContinuesEarlierRun(j)
+	if stmts, err := replicate.SplitStatements(j.Command); err == nil && len(stmts) > 1 {
+		// Several ALTER TABLE statements of one table (tat.alter checked
+		// that): applied together, as the CLI's repeated -c.
+		cmd, err := replicate.CombineCommands(stmts)
+		if err != nil {
+			return o, fmt.Errorf("migration %d: %w", j.ID, err)
+		}
+		j.Command, o.Command = cmd, cmd
+	}
 	if err := checkCommandTable(j); err != nil {
 		return o, err
 	}

@@ -6,6 +6,8 @@ import (
 	"strings"
 
 	pg_query "github.com/pganalyze/pg_query_go/v6"
+
+	"github.com/pgtat/pg_tat/replicate"
 )
 
 // ErrInvalidCommand is wrapped by every refusal of ValidateCommand.
@@ -29,7 +31,17 @@ func ValidateCommand(cmd string) error {
 		}
 		return fmt.Errorf("%w: %v", ErrInvalidCommand, perr)
 	}
-	if n := len(tree.GetStmts()); n != 1 {
+	if n := len(tree.GetStmts()); n > 1 {
+		// Several ALTER TABLE statements of one table are applied together.
+		stmts, err := replicate.SplitStatements(cmd)
+		if err == nil {
+			_, err = replicate.CombineCommands(stmts)
+		}
+		if err != nil {
+			return fmt.Errorf("%w: want exactly one statement, or several ALTER TABLE statements of one table: %v", ErrInvalidCommand, err)
+		}
+		return nil
+	} else if n != 1 {
 		return fmt.Errorf("%w: want exactly one statement, got %d", ErrInvalidCommand, n)
 	}
 	stmt := tree.GetStmts()[0].GetStmt()

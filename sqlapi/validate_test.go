@@ -24,7 +24,9 @@ func TestValidateCommand(t *testing.T) {
 		{"select 1", false},
 		{"drop table orders", false},
 		{"alter table orders add column x int; drop table orders", false},
-		{"alter table orders add column x int; alter table orders add column y int", false},
+		{"alter table orders add column x int; alter table orders add column y int", true}, // applied together
+		{"alter table orders add column x int; alter table other add column y int", false},
+		{"alter table orders add column x int; alter table orders rename column a to b", false},
 		{"alter index orders_pkey rename to x", false},
 		{"alter view v rename column a to b", false},
 		{"alter table orders rename to orders2", false},
