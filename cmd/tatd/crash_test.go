@@ -276,7 +276,22 @@ func TestSeveralTatdKillOne(t *testing.T) {
 		startTatd(t, url, "TAT_MAX_JOBS=2"),
 		startTatd(t, url, "TAT_MAX_JOBS=2"),
 	}
-	time.Sleep(500 * time.Millisecond) // all listening: the jobs spread over them
+	// All listening, so that the jobs spread over them: a state, not a delay
+	// (a busy machine starts processes slowly).
+	for deadline := time.Now().Add(60 * time.Second); ; {
+		var n int
+		if err := c.QueryRow(context.Background(), `select count(*) from pg_stat_activity
+			where datname = current_database() and query ilike 'listen %'`).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		if n >= len(procs) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d tatd listening after 60s", n, len(procs))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	ids := map[string]int64{}
 	for _, tbl := range tables {
 		var id int64
