@@ -258,6 +258,10 @@ func scramVerifier(password string) (string, error) {
 	if _, err := rand.Read(salt); err != nil {
 		return "", err
 	}
+	return scramVerifierSalt(password, salt)
+}
+
+func scramVerifierSalt(password string, salt []byte) (string, error) {
 	const iter = 4096
 	salted, err := pbkdf2.Key(sha256.New, password, salt, iter, sha256.Size)
 	if err != nil {
