@@ -21,6 +21,9 @@ func TestSwitchBudgetBulkChangeBeforeLock(t *testing.T) {
 	for _, capture := range []string{replicate.CaptureTrigger, replicate.CaptureLogical} {
 		t.Run(capture, func(t *testing.T) {
 			t.Parallel()
+			if capture == replicate.CaptureLogical {
+				needsLogical(t)
+			}
 			e := newEnv(t)
 			e.seed("orders", "control", 30000)
 			o := captureOpts(capture, "alter table orders alter column n type bigint using n * 2")
