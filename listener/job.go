@@ -98,8 +98,8 @@ func (l *Listener) runJob(ctx context.Context, job sqlapi.Job, rj *running) {
 		l.record(ctx, log, "paused", func(ctx context.Context) error { return sqlapi.MarkPaused(ctx, l.pool, job.ID, runner) })
 		return
 	}
-	log.WithField("attempt", job.Attempts).Info("claimed")
-	rep.Event(ctx, job.Phase, fmt.Sprintf("started by %s (attempt %d)", runner, job.Attempts))
+	// The "started by" event was recorded with the claim (sqlapi.Claim).
+	log.WithField("attempt", job.Attempts).Info(fmt.Sprintf("started by %s (attempt %d)", runner, job.Attempts))
 
 	var err error
 	if job.Attempts > 1 && (job.Phase == replicate.PhaseValidate || job.Phase == replicate.PhaseSwitch) {

@@ -99,12 +99,21 @@ func TryLock(ctx context.Context, conn DB, id int64) (bool, error) {
 	return ok, nil
 }
 
-const sqlClaim = `update tat.migrations
-   set state = case when state = 'queued' then 'running' else state end,
-       runner = $2, started_at = coalesce(started_at, now()), updated_at = now(),
-       attempts = attempts + 1
- where id = $1 and state in ('queued', 'running', 'waiting_switch')
-returning ` + jobColumns
+// sqlClaim counts the attempt and records who started it in one statement:
+// a runner that dies right after its claim still leaves its "started by"
+// event (one per attempt, always).
+const sqlClaim = `with c as (
+  update tat.migrations
+     set state = case when state = 'queued' then 'running' else state end,
+         runner = $2, started_at = coalesce(started_at, now()), updated_at = now(),
+         attempts = attempts + 1
+   where id = $1 and state in ('queued', 'running', 'waiting_switch')
+  returning *),
+e as (
+  insert into tat.events (job, phase, message)
+  select c.id, nullif(c.phase, ''), format('started by %s (attempt %s)', $2::text, c.attempts)
+    from c where not c.cancel_requested and not c.pause_requested)
+select ` + jobColumns + ` from c`
 
 // Claim marks job id as run by runner, if it is still queued (or running /
 // waiting_switch with a dead runner: the caller holds the job's advisory
