@@ -14,7 +14,7 @@ import (
 //
 //	SET LOCAL lock_timeout; LOCK original IN ACCESS EXCLUSIVE MODE;
 //	apply the last delta; read dependents; drop views, functions, inbound
-//	FKs; DROP original; RENAME shadow; rename indexes and sequences;
+//	FKs, materialized views (replacements built before the lock); DROP original; RENAME shadow; rename indexes and sequences;
 //	re-create dependents; drop delta, state and capture function; COMMIT.
 //
 // The lock is requested only when no other session has held a lock on the
@@ -24,6 +24,11 @@ import (
 // catches up, and tries again.
 func (m *migration) cutover(ctx context.Context) error {
 	var deps *dependents
+	// Materialized views over the table are rebuilt over the shadow now,
+	// outside the lock: a refresh under it would hold it for the refresh.
+	if err := m.buildMatViews(ctx); err != nil {
+		return err
+	}
 	// One more round right before the lock: what is applied under the lock
 	// is then only what arrives in these milliseconds.
 	if _, err := m.applyDelta(ctx, m.pool, int64(m.batchSize())*10); err != nil {
@@ -135,11 +140,17 @@ func (m *migration) waitForBlockers(ctx context.Context) error {
 	return nil
 }
 
-// lockedOIDs: the tables the switch locks.
+// lockedOIDs: the tables the switch locks (and the materialized views it
+// replaces).
 func (m *migration) lockedOIDs() []uint32 {
 	oids := []uint32{m.t.OID}
 	if m.plan != nil && m.plan.Parent != nil {
 		oids = append(oids, m.plan.Parent.OID)
+	}
+	// The switch drops the materialized views over the table: a long
+	// query on one of them would make the attempt time out as well.
+	for _, v := range m.matViews {
+		oids = append(oids, v.OID)
 	}
 	return oids
 }
@@ -173,6 +184,9 @@ func (m *migration) swap(ctx context.Context, tx pgx.Tx) (*dependents, error) {
 	d, err := m.readDependents(ctx, tx)
 	if err != nil {
 		return nil, fmt.Errorf("read dependents: %w", err)
+	}
+	if err := m.swapMatViews(ctx, tx, d); err != nil {
+		return nil, fmt.Errorf("materialized views: %w", err)
 	}
 	// Re-create with the session's search_path and, as pg_dump does, without
 	// checking function bodies (they resolve names when called).

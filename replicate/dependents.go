@@ -429,7 +429,9 @@ func (m *migration) indexFinalNames(ctx context.Context, tx pgx.Tx, oid uint32, 
 
 // depViewsAndFunctions: views (nested) over any of the tables oids and
 // functions using their rowtypes are dropped and re-created, with owner,
-// options, grants and comments.
+// options, grants and comments. Views over a materialized view over the
+// tables are among them; the materialized view itself is replaced by
+// swapMatViews (matview.go).
 func (m *migration) depViewsAndFunctions(ctx context.Context, tx pgx.Tx, d *dependents, oids []uint32) error {
 	views, err := m.q(ctx, tx, `with recursive deps(oid, depth) as (
 		  select r.ev_class, 1 from pg_depend d join pg_rewrite r on r.oid = d.objid
@@ -444,6 +446,7 @@ func (m *migration) depViewsAndFunctions(ctx context.Context, tx pgx.Tx, d *depe
 		       deps.depth::text
 		from (select oid, max(depth) as depth from deps group by oid) deps
 		join pg_class c on c.oid = deps.oid join pg_namespace n on n.oid = c.relnamespace
+		where c.relkind <> 'm'
 		order by deps.depth, c.oid`, oids)
 	if err != nil {
 		return err

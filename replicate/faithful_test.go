@@ -291,9 +291,21 @@ func faithCases() []faithCase {
 				}
 			}},
 		{name: "materialized view", setup: baseTable + `create materialized view t_mv as select id, v from t;
-			create unique index t_mv_id on t_mv (id)`,
-			// Refused: re-creating it would mean a full refresh under the lock.
-			wantErr: "drop them first"},
+			create unique index t_mv_id on t_mv (id); comment on materialized view t_mv is 'snap';
+			comment on column t_mv.v is 'vee'; comment on index t_mv_id is 'key'; grant select on t_mv to ROLE_A;
+			create view t_mv_v as select id from t_mv where id > 10; grant select on t_mv_v to ROLE_B;
+			create materialized view t_mv_empty with (fillfactor = 70) as select id, length(v) as l from t with no data`,
+			// Rebuilt over the new table before the lock (matview.go).
+			check: func(t *testing.T, e *env, _ *events) {
+				if got := e.str("select string_agg(relname || '=' || relispopulated, ',' order by relname) from pg_class where relname in ('t_mv', 't_mv_empty')"); got != "t_mv=true,t_mv_empty=false" {
+					t.Fatalf("populated: %s", got)
+				}
+				e.str("select count(*) from t_mv_v")
+				e.exec("refresh materialized view t_mv")
+			}},
+		{name: "materialized view through a view", setup: baseTable + `create view t_v as select id, v from t;
+			create materialized view t_mv as select id from t_v`,
+			wantErr: "through a view or another materialized view"},
 		{name: "functions and procedures", setup: baseTable + `
 			create function t_f1(r t) returns int language sql as 'select r.id';
 			create function t_f2() returns setof t language sql stable as 'select * from t';

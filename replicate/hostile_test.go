@@ -127,6 +127,7 @@ type hostileEngineVector struct {
 	command   string
 	got, want string // t after the job; the ALTER applied in SQL to ctl
 	col, typ  string
+	check     string // if set, a query that must answer true after the job
 }
 
 var (
@@ -138,6 +139,15 @@ var (
 		setup:   "alter table public.t add constraint c_existing check (public.mallory_fn(v) is not null)",
 		command: "alter table public.t alter column id type bigint",
 		got:     hostile.GotIDV, want: hostile.WantIDV, col: "id", typ: "bigint"}
+	// Her materialized view over her table calls her function: the job
+	// rebuilds it (the replacement's REFRESH, in phase switch, before the
+	// lock), which must run her code as her, never with the engine's rights.
+	hxMatView = hostileEngineVector{
+		setup:   "create materialized view public.t_mv as select v % 10 as k, count(*) as n, sum(public.mallory_fn(v)) as s from public.t group by 1",
+		command: "alter table public.t alter column id type bigint",
+		got:     hostile.GotIDV, want: hostile.WantIDV, col: "id", typ: "bigint",
+		check: `select c.relispopulated and pg_get_userbyid(c.relowner) = (select pg_get_userbyid(relowner) from pg_class where oid = 'public.t'::regclass)
+			and to_regclass('public.t_mv__tat_new') is null from pg_class c where c.oid = 'public.t_mv'::regclass`}
 )
 
 // hostileEngineRun runs v with her code armed in phase, under both captures:
@@ -164,6 +174,11 @@ func hostileEngineRun(t *testing.T, v hostileEngineVector, phase string) {
 			t.Errorf("run failed: %v", err)
 		} else {
 			h.Migrated(v.got, v.want, v.col, v.typ)
+			if v.check != "" {
+				if got := h.Str(v.check); got != "true" {
+					t.Errorf("after the job: %s is %q, want true", v.check, got)
+				}
+			}
 			if h.ForeignHits(phase) == 0 {
 				t.Errorf("her code never ran in phase %s outside her sessions: the test proves nothing (hits: %s)", phase, h.HitSummary())
 			}
@@ -181,6 +196,10 @@ func TestHostileEngineUsingCatchup(t *testing.T) {
 func TestHostileEngineUsingSwitchLock(t *testing.T) {
 	t.Parallel()
 	hostileEngineRun(t, hxUsing, "switchlock")
+}
+func TestHostileEngineMatViewSwitch(t *testing.T) {
+	t.Parallel()
+	hostileEngineRun(t, hxMatView, "switch")
 }
 func TestHostileEngineExistingCheckCopy(t *testing.T) {
 	t.Parallel()

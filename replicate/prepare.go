@@ -1082,8 +1082,9 @@ func (m *migration) inheritedShadow(ctx context.Context, tx pgx.Tx, pt partition
 // trees do not support yet. The tables' own triggers, rules, policies,
 // foreign keys (outbound and inbound), publication membership, statistics,
 // views and functions over them are re-created by the switch as the root's
-// are (dependents.go). Refused: materialized views over one of them
-// (re-creating one would hold the lock for a full refresh), other users of
+// are (dependents.go), materialized views over them rebuilt as the root's
+// (matview.go). Refused: materialized views the switch cannot rebuild
+// (refuseMatViews), other users of
 // their row types (a column of another table, a domain, ...: their values
 // are of the old type), and before PostgreSQL 18 a foreign key of a
 // partitioned table below the root or from a partitioned table to one of
@@ -1095,13 +1096,9 @@ func (m *migration) checkTree(ctx context.Context, tx pgx.Tx, p *plan) error {
 	}
 	for _, pt := range p.Partitions {
 		rel := ident(pt.Schema, pt.Name)
-		var mv, users string
-		if err := tx.QueryRow(ctx, qMatViews, pt.OID).Scan(&mv); err != nil {
-			return fmt.Errorf("look for materialized views on %s: %w", rel, err)
-		}
-		if mv != "" {
-			return fmt.Errorf("%w: materialized view(s) %s depend on %s, a table of the tree of %s; drop them first (re-creating them would hold the lock for a full refresh)",
-				ErrBadCommand, mv, rel, m.tableRef())
+		var users string
+		if err := m.refuseMatViews(ctx, tx, []uint32{pt.OID}, rel+" (a table of the tree of "+m.tableRef()+")"); err != nil {
+			return err
 		}
 		if err := tx.QueryRow(ctx, qRowtypeUsers, pt.OID).Scan(&users); err != nil {
 			return fmt.Errorf("look for users of the row type of %s: %w", rel, err)

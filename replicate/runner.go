@@ -44,6 +44,7 @@ type migration struct {
 	steer       steering
 	snapshot    string         // exported snapshot every copy batch must use ("" for trigger capture)
 	closure     *uniqueClosure // set once the shadow's indexes exist; nil: no unique index to close over
+	matViews    []*matView     // materialized views over the tree, their replacements built (matview.go)
 
 	mu           sync.Mutex
 	phase        string
@@ -324,23 +325,9 @@ func (m *migration) refuseSwitchCommands(ctx context.Context, tx pgx.Tx) error {
 	return nil
 }
 
-// qMatViews lists the materialized views over the table, directly or
-// through views (which the switch drops and re-creates: a materialized view
-// on one of them blocks the DROP VIEW as well).
-const qMatViews = `with recursive deps(oid) as (
-	  select r.ev_class from pg_depend d join pg_rewrite r on r.oid = d.objid
-	  where d.classid = 'pg_rewrite'::regclass and d.refclassid = 'pg_class'::regclass
-	    and d.refobjid = $1 and r.ev_class <> $1
-	  union
-	  select r.ev_class from deps join pg_class v on v.oid = deps.oid and v.relkind = 'v'
-	  join pg_depend d on d.refobjid = deps.oid and d.classid = 'pg_rewrite'::regclass and d.refclassid = 'pg_class'::regclass
-	  join pg_rewrite r on r.oid = d.objid where r.ev_class <> deps.oid)
-	select coalesce(string_agg(c.oid::regclass::text, ', ' order by c.oid::regclass::text), '')
-	from deps join pg_class c on c.oid = deps.oid where c.relkind = 'm'`
-
 // qRowtypeUsers describes what uses the table's row type (or its array
 // type) other than what the switch re-creates (functions, views) or refuses
-// on its own (materialized views): a column of another table or of a
+// or rebuilds on its own (materialized views, matview.go): a column of another table or of a
 // composite type, a domain or range over it, an operator, a cast. Each of
 // them keeps the DROP TABLE of the switch from running, and there is no
 // carrying them over: their stored values are of the old row type.
@@ -354,12 +341,8 @@ const qRowtypeUsers = `select coalesce(string_agg(distinct pg_describe_object(d.
 // refuseDependents refuses, before anything is created, the dependents the
 // switch cannot drop and re-create.
 func (m *migration) refuseDependents(ctx context.Context, tx pgx.Tx) error {
-	var mv string
-	if err := tx.QueryRow(ctx, qMatViews, m.t.OID).Scan(&mv); err != nil {
-		return fmt.Errorf("look for materialized views on %s: %w", m.tableRef(), err)
-	}
-	if mv != "" {
-		return fmt.Errorf("%w: materialized view(s) %s depend on %s; drop them first (re-creating them would hold the lock for a full refresh)", ErrBadCommand, mv, m.tableRef())
+	if err := m.refuseMatViews(ctx, tx, []uint32{m.t.OID}, m.tableRef()); err != nil {
+		return err
 	}
 	var users string
 	if err := tx.QueryRow(ctx, qRowtypeUsers, m.t.OID).Scan(&users); err != nil {

@@ -280,7 +280,8 @@ create table c_ih_b as select * from only ih_b;`
 }
 
 // What the switch cannot carry over below the root is refused before
-// anything is created, naming it: a materialized view over a partition, a
+// anything is created, naming it: a materialized view over a partition
+// through a view or using a column the ALTER retypes, a
 // row type of a child used by a column, row-level security of a child that
 // applies to the copying owner, and (before PostgreSQL 18, which cannot add
 // it NOT VALID) a foreign key of a partitioned partition; on 18 that key is
@@ -300,8 +301,10 @@ func TestTreeObjectsRefused(t *testing.T) {
 		name, setup, alter, wantErr string
 		fromVer                     int // the case passes from this version on
 	}{
-		{name: "materialized view", setup: part + `create materialized view m_2_mv as select id from m_2`,
+		{name: "materialized view", setup: part + `create view m_2_v as select id from m_2; create materialized view m_2_mv as select id from m_2_v`,
 			alter: "alter table m alter column n type bigint", wantErr: "materialized view(s) m_2_mv depend on"},
+		{name: "materialized view column", setup: part + `create materialized view m_2_mv as select id, n from m_2`,
+			alter: "alter table m alter column n type bigint", wantErr: "cannot alter type of a column used by a view or rule"},
 		{name: "row type", setup: inh + `create table holder (h ih_a)`,
 			alter: "alter table ih alter column n type bigint", wantErr: "row type of"},
 		{name: "forced row level security", setup: inh + `alter table ih owner to ROLE_A; alter table ih_a owner to ROLE_A;
