@@ -539,13 +539,15 @@ declare
         'switch', 'auto', 'skip_fk_validation', false,
         'max_replica_lag', null, 'max_active_sessions', null, 'throttle_query', null,
         'verify', false, 'vacuum_freeze', false, 'copy_data_filter', null,
-        'command_before_switch', null, 'command_after_switch', null, 'catchup_timeout', '01:00:00');
+        'command_before_switch', null, 'command_after_switch', null, 'catchup_timeout', '01:00:00',
+        'partial_mode', false);
     o        jsonb;
     unknown  text;
     v_capture text; v_cdj int; v_cij int; v_batch int; v_lt interval; v_tbl interval;
     v_mdr bigint; v_wm text; v_mwm text; v_mpmw int; v_switch text; v_skip boolean;
     v_mrl interval; v_mas int; v_tq text;
     v_verify boolean; v_freeze boolean; v_filter text; v_before text; v_after text; v_cto interval;
+    v_partial boolean;
 begin
     if opts is null or jsonb_typeof(opts) <> 'object' then
         opts := '{}';
@@ -578,6 +580,7 @@ begin
         v_before := nullif(btrim(o->>'command_before_switch'), '');
         v_after := nullif(btrim(o->>'command_after_switch'), '');
         v_cto := (o->>'catchup_timeout')::interval;
+        v_partial := (o->>'partial_mode')::boolean;
     exception when others then
         raise exception using errcode = '22023', message = format('invalid option value: %s', sqlerrm);
     end;
@@ -622,8 +625,8 @@ begin
     if v_cto is null or v_cto <= interval '0' then
         raise exception using errcode = '22023', message = format('catchup_timeout must be positive, not %s', coalesce(v_cto::text, 'NULL'));
     end if;
-    if v_verify is null or v_freeze is null then
-        raise exception using errcode = '22023', message = 'verify and vacuum_freeze must not be NULL';
+    if v_verify is null or v_freeze is null or v_partial is null then
+        raise exception using errcode = '22023', message = 'verify, vacuum_freeze and partial_mode must not be NULL';
     end if;
     -- copy_data_filter is checked by tatd with the PostgreSQL parser (one
     -- boolean expression); the switch commands run with the caller's rights.
@@ -651,7 +654,8 @@ begin
         'switch', v_switch, 'skip_fk_validation', v_skip,
         'max_replica_lag', v_mrl::text, 'max_active_sessions', v_mas, 'throttle_query', v_tq,
         'verify', v_verify, 'vacuum_freeze', v_freeze, 'copy_data_filter', v_filter,
-        'command_before_switch', v_before, 'command_after_switch', v_after, 'catchup_timeout', v_cto::text);
+        'command_before_switch', v_before, 'command_after_switch', v_after, 'catchup_timeout', v_cto::text,
+        'partial_mode', v_partial);
 end
 $$;
 
@@ -1049,6 +1053,8 @@ drop function if exists tat.alter(text, text, int, int, int, interval, interval,
                                   interval, int, text);
 drop function if exists tat.alter(text, text, int, int, int, interval, interval, bigint, text, text, int, text, boolean,
                                   interval, int, text, boolean, text, text, text, boolean);
+drop function if exists tat.alter(text, text, int, int, int, interval, interval, bigint, text, text, int, text, boolean,
+                                  interval, int, text, boolean, text, text, text, boolean, interval);
 create or replace function tat.alter(
     command text,
     capture text default 'trigger',
@@ -1071,7 +1077,8 @@ create or replace function tat.alter(
     command_before_switch text default null,
     command_after_switch text default null,
     vacuum_freeze boolean default false,
-    catchup_timeout interval default '1 hour'
+    catchup_timeout interval default '1 hour',
+    partial_mode boolean default false
 ) returns bigint
 language plpgsql volatile security invoker  -- caller's search_path resolves the table
 as $$
@@ -1100,7 +1107,8 @@ begin
         'command_before_switch', alter.command_before_switch,
         'command_after_switch', alter.command_after_switch,
         'vacuum_freeze', alter.vacuum_freeze,
-        'catchup_timeout', alter.catchup_timeout::text))
+        'catchup_timeout', alter.catchup_timeout::text,
+        'partial_mode', alter.partial_mode))
     returning id into v_id;
     return v_id;
 exception when unique_violation then
@@ -1326,7 +1334,7 @@ grant insert (action, job, table_oid) on tat.requests to public;
 grant select (id) on tat.requests to public;              -- for tat.cleanup's RETURNING id
 
 grant execute on function tat.alter(text, text, int, int, int, interval, interval, bigint, text, text, int, text, boolean,
-                                    interval, int, text, boolean, text, text, text, boolean, interval) to public;
+                                    interval, int, text, boolean, text, text, text, boolean, interval, boolean) to public;
 grant insert (option, value) on tat.requests to public;
 grant execute on function tat.cancel(bigint), tat.pause(bigint), tat.resume(bigint), tat.switch(bigint),
                           tat.set(bigint, text, text),

@@ -197,12 +197,12 @@ func (m *migration) logicalPreflight(ctx context.Context, db execer) error {
 	leaves := []uint32{m.t.OID}
 	if m.t.inherits() {
 		// Every table of an inheritance tree holds rows of its own.
-		leaves = append(leaves, m.t.partitionOIDs()...)
+		leaves = append(leaves, oidsOf(localPartitions(m.t.Partitions))...)
 	}
 	if m.t.Kind == "p" {
 		leaves = leaves[:0]
 		for _, pt := range m.t.Partitions {
-			if pt.PartKey == "" {
+			if pt.PartKey == "" && !pt.Foreign {
 				leaves = append(leaves, pt.OID)
 			}
 		}
@@ -277,7 +277,7 @@ func (c *logicalCapture) start(ctx context.Context) (string, error) {
 	}
 	// The shadow of a partitioned table is published as its partitions.
 	schemas, names := []string{m.plan.Schema}, []string{m.plan.Shadow}
-	for _, pt := range m.plan.Partitions {
+	for _, pt := range localPartitions(m.plan.Partitions) {
 		schemas, names = append(schemas, pt.Schema), append(names, partShadow(pt))
 	}
 	var others string

@@ -104,7 +104,7 @@ END $f$`, captureFunc(p), delta, m.t.OID, delta, kcols, strings.Join(newVals, ",
 		// A TRUNCATE of one partition fires only that partition's triggers.
 		// An inheritance child's rows fire only its own row triggers.
 		for _, pt := range p.Partitions {
-			if pt.PartKey != "" {
+			if pt.PartKey != "" || pt.Foreign {
 				continue
 			}
 			part := ident(pt.Schema, pt.Name)
@@ -303,6 +303,9 @@ func cleanup(ctx context.Context, pool *pgxpool.Pool, schema, name string, m *mi
 	}
 	if foreign != "" {
 		return fmt.Errorf("%w: cleanup %s: %s belong to another role than the table's owner: not a run of this table's, left alone", errDenied, tbl, foreign)
+	}
+	if err := dropForeignShadows(ctx, m, pool, schema, name); err != nil {
+		return fmt.Errorf("cleanup %s: foreign tables: %w", tbl, err)
 	}
 	for _, s := range []string{
 		// CASCADE: the shadows of inheritance children depend on it.

@@ -94,7 +94,7 @@ func (m *migration) loadClosure(ctx context.Context) error {
 			return err
 		}
 		tables := []string{m.shadowIdent()}
-		for _, pt := range p.Partitions {
+		for _, pt := range localPartitions(p.Partitions) {
 			tables = append(tables, ident(pt.Schema, partShadow(pt)))
 		}
 		rows, err := tx.Query(ctx, qClosureIndexes, tables)

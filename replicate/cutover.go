@@ -222,18 +222,26 @@ func (m *migration) swap(ctx context.Context, tx pgx.Tx) (*dependents, error) {
 		return nil, err
 	}
 	drop := tbl
+	var stmts []string
 	for _, pt := range p.Partitions {
-		if pt.Inherit {
+		switch {
+		case pt.Inherit && pt.Foreign:
+			stmts = append(stmts, "DROP FOREIGN TABLE "+ident(pt.Schema, pt.Name))
+		case pt.Inherit:
 			// Children of an inheritance tree go with it, in one statement.
 			drop += ", " + ident(pt.Schema, pt.Name)
 		}
 	}
-	stmts := []string{
-		"DROP TABLE " + drop,
-		"ALTER TABLE " + m.shadowIdent() + " RENAME TO " + qi(p.Table),
-	}
+	stmts = append(stmts,
+		"DROP TABLE "+drop,
+		"ALTER TABLE "+m.shadowIdent()+" RENAME TO "+qi(p.Table),
+	)
 	for _, pt := range p.Partitions {
-		stmts = append(stmts, "ALTER TABLE "+ident(pt.Schema, partShadow(pt))+" RENAME TO "+qi(pt.Name))
+		kind := "TABLE "
+		if pt.Foreign {
+			kind = "FOREIGN TABLE "
+		}
+		stmts = append(stmts, "ALTER "+kind+ident(pt.Schema, partShadow(pt))+" RENAME TO "+qi(pt.Name))
 	}
 	for _, si := range p.Indexes {
 		if si.Final != si.Name {
@@ -248,6 +256,9 @@ func (m *migration) swap(ctx context.Context, tx pgx.Tx) (*dependents, error) {
 		return nil, err
 	}
 	if err := run("attach to parent", m.attachBack(tbl)); err != nil {
+		return nil, err
+	}
+	if err := run("attach foreign tables", p.attachForeign()); err != nil {
 		return nil, err
 	}
 	if err := m.renamePartitionIndexes(ctx, tx, tbl, partIdx); err != nil {

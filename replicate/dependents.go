@@ -32,11 +32,12 @@ type identitySeq struct {
 // root (the table the command names) or a partition or inheritance child
 // below it. Each has a shadow, renamed to its name at the switch.
 type treeRel struct {
-	oid    uint32
-	schema string
-	ident  string // the table, quoted
-	shadow string // its shadow, quoted
-	root   bool
+	oid     uint32
+	schema  string
+	ident   string // the table, quoted
+	shadow  string // its shadow, quoted
+	root    bool
+	foreign bool // a foreign table (foreign.go): no replica identity
 }
 
 // treeRels: the root, then the tables below it, parents first (so that a
@@ -46,7 +47,7 @@ func (m *migration) treeRels() []treeRel {
 	p := m.plan
 	rels := []treeRel{{oid: p.TableID, schema: p.Schema, ident: ident(p.Schema, p.Table), shadow: m.shadowIdent(), root: true}}
 	for _, pt := range p.Partitions {
-		rels = append(rels, treeRel{oid: pt.OID, schema: pt.Schema, ident: ident(pt.Schema, pt.Name), shadow: ident(pt.Schema, partShadow(pt))})
+		rels = append(rels, treeRel{oid: pt.OID, schema: pt.Schema, ident: ident(pt.Schema, pt.Name), shadow: ident(pt.Schema, partShadow(pt)), foreign: pt.Foreign})
 	}
 	return rels
 }
@@ -195,12 +196,13 @@ func (m *migration) relDependents(ctx context.Context, tx pgx.Tx, d *dependents,
 		if rows[0][2] == "true" {
 			out = append(out, "ALTER TABLE "+tbl+" FORCE ROW LEVEL SECURITY")
 		}
-		switch rows[0][3] {
-		case "f":
+		switch ri := rows[0][3]; {
+		case r.foreign:
+		case ri == "f":
 			out = append(out, "ALTER TABLE "+tbl+" REPLICA IDENTITY FULL")
-		case "n":
+		case ri == "n":
 			out = append(out, "ALTER TABLE "+tbl+" REPLICA IDENTITY NOTHING")
-		case "i":
+		case ri == "i":
 			// Unless the ALTER dropped the index (in place the table would
 			// then have no replica identity either).
 			if n, ok := idxNames[rows[0][4]]; ok {

@@ -23,7 +23,7 @@ import (
 func (m *migration) buildIndexes(ctx context.Context) error {
 	p := m.plan
 	tables := []string{m.shadowIdent()}
-	for _, pt := range p.Partitions {
+	for _, pt := range localPartitions(p.Partitions) {
 		tables = append(tables, ident(pt.Schema, partShadow(pt)))
 	}
 	existing := map[string]bool{}

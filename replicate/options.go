@@ -65,6 +65,11 @@ type Options struct {
 	// of ANALYZE, so the new table causes no anti-wraparound vacuum later.
 	VacuumFreeze bool
 
+	// PartialMode migrates a partitioned partition with its partitions and
+	// attaches it back to its parent (the original's --partial-mode). A
+	// leaf partition or an inheritance child is migrated alone either way.
+	PartialMode bool
+
 	// Verify proves the shadow equal to the transformed original before the
 	// switch (phase verify), recopying ranges that differ.
 	Verify bool

@@ -69,7 +69,7 @@ func (m *migration) treeTables() []treeTable {
 	p := m.plan
 	out := []treeTable{{OID: p.TableID, Src: "ONLY " + ident(p.Schema, p.Table), Dst: m.shadowIdent(),
 		InsertCols: p.InsertCols, SelectExprs: p.SelectExprs}}
-	for _, pt := range p.Partitions {
+	for _, pt := range localPartitions(p.Partitions) {
 		out = append(out, treeTable{OID: pt.OID, Src: "ONLY " + ident(pt.Schema, pt.Name), Dst: ident(pt.Schema, partShadow(pt)),
 			InsertCols: pt.InsertCols, SelectExprs: pt.SelectExprs})
 	}
@@ -209,6 +209,15 @@ func (m *migration) prepareShadow(ctx context.Context, committed *bool) error {
 	var childCols []string
 	for _, pt := range t.Partitions {
 		parent := ident(pt.ParentSchema, shadowName(pt.Parent, "__tat_new"))
+		if pt.Foreign && !pt.Inherit {
+			s, err := m.foreignPartitionShadow(ctx, tx, pt, parent)
+			if err != nil {
+				return err
+			}
+			stmts = append(stmts, s[0])
+			childCols = append(childCols, s[1:]...)
+			continue
+		}
 		if pt.Inherit {
 			s, err := m.inheritedShadow(ctx, tx, pt, parent, treeCols)
 			if err != nil {
@@ -301,6 +310,10 @@ func (m *migration) prepareShadow(ctx context.Context, committed *bool) error {
 	}
 	owned := []string{"TABLE " + shadow}
 	for _, pt := range t.Partitions {
+		if pt.Foreign {
+			owned = append(owned, "FOREIGN TABLE "+ident(pt.Schema, partShadow(pt)))
+			continue
+		}
 		owned = append(owned, "TABLE "+ident(pt.Schema, partShadow(pt)))
 	}
 	*committed = m.sb != nil && m.sb.handOver
@@ -378,8 +391,8 @@ func (m *migration) prepareShadow(ctx context.Context, committed *bool) error {
 		}
 	}
 	// Indexes that exist on one partition only (not attached to an index of
-	// the parent) are copied to that partition's shadow; an inheritance
-	// child's, constraints included, all are its own.
+	// the parent), their constraints included, are copied to that
+	// partition's shadow; an inheritance child's all are its own.
 	for _, pt := range t.Partitions {
 		idx, err := m.q(ctx, tx, `select ic.relname, i.indexrelid::text, pg_get_indexdef(i.indexrelid), coalesce(ts.spcname, ''),
 			coalesce(pg_get_constraintdef(con.oid), ''), coalesce(con.contype::text, ''),
@@ -388,8 +401,7 @@ func (m *migration) prepareShadow(ctx context.Context, committed *bool) error {
 			left join pg_constraint con on con.conindid = i.indexrelid and con.conrelid = i.indrelid and con.contype in ('p', 'u', 'x')
 			left join pg_tablespace ts on ts.oid = ic.reltablespace
 			where i.indrelid = $1 and i.indisvalid
-			  and not exists (select 1 from pg_inherits h where h.inhrelid = i.indexrelid)
-			  and ($2 or not exists (select 1 from pg_constraint c where c.conindid = i.indexrelid))`, pt.OID, pt.Inherit)
+			  and not exists (select 1 from pg_inherits h where h.inhrelid = i.indexrelid)`, pt.OID)
 		if err != nil {
 			return err
 		}
@@ -435,12 +447,15 @@ func (m *migration) prepareShadow(ctx context.Context, committed *bool) error {
 	}
 
 	// The ALTER itself, rewritten by the parser to target the shadow.
-	if sql, err := m.cmd.ShadowSQL(p.Schema, p.Shadow, p.IndexMap); err != nil {
+	if sql, err := m.shadowSQLForTree(p); err != nil {
 		return err
 	} else if sql != "" {
 		if _, err := m.exec(ctx, tx, sql); err != nil {
 			return fmt.Errorf("%w: the command fails on a copy of %s: %v", ErrBadCommand, t.ident(), err)
 		}
+	}
+	if err := m.detachForeignShadows(ctx, tx, p); err != nil {
+		return err
 	}
 	if err := m.checkInherited(ctx, tx, p); err != nil {
 		return err
@@ -667,7 +682,7 @@ func (m *migration) planCopy(ctx context.Context, tx pgx.Tx, p *plan) error {
 	}
 	// An inheritance child has columns of its own.
 	for i, pt := range p.Partitions {
-		if !pt.Inherit {
+		if !pt.Inherit || pt.Foreign {
 			continue
 		}
 		names, err := m.q(ctx, tx, `select attname from pg_attribute where attrelid = $1 and attnum > 0 and not attisdropped order by attnum`, pt.OID)
@@ -1027,6 +1042,13 @@ func (m *migration) inheritedShadow(ctx context.Context, tx pgx.Tx, pt partition
 	treeCols[ident(pt.Schema, pt.Name)] = columnMap(cols)
 	pcols := treeCols[ident(pt.ParentSchema, pt.Parent)]
 	shadow := ident(pt.Schema, partShadow(pt))
+	// Inherited columns the child also declares (attislocal) are declared
+	// on its shadow too, so they stay its own as in place.
+	local, err := m.nameSet(ctx, tx, `select attname from pg_attribute where attrelid = $1 and attnum > 0
+		and not attisdropped and attislocal and attinhcount > 0`, pt.OID)
+	if err != nil {
+		return nil, fmt.Errorf("read columns of %s: %w", pt.Name, err)
+	}
 	var defs, after []string
 	for _, c := range cols {
 		pc, inherited := pcols[c.Name]
@@ -1035,14 +1057,16 @@ func (m *migration) inheritedShadow(ctx context.Context, tx pgx.Tx, pt partition
 			continue
 		}
 		col := "ALTER TABLE ONLY " + shadow + " ALTER COLUMN " + qi(c.Name)
-		if c.Default != pc.Default && c.Generated == "" {
+		if local[c.Name] {
+			defs = append(defs, columnDDL(c))
+		} else if c.Default != pc.Default && c.Generated == "" {
 			if c.Default == "" {
 				after = append(after, col+" DROP DEFAULT")
 			} else {
 				after = append(after, col+" SET DEFAULT "+c.Default)
 			}
 		}
-		if c.NotNull && !pc.NotNull {
+		if c.NotNull && !pc.NotNull && !local[c.Name] {
 			after = append(after, col+" SET NOT NULL")
 		}
 		if c.Storage != pc.Storage && c.Storage != "" {
@@ -1062,6 +1086,21 @@ func (m *migration) inheritedShadow(ctx context.Context, tx pgx.Tx, pt partition
 	}
 	for _, r := range nn {
 		defs = append(defs, "CONSTRAINT "+qi(r[0])+" NOT NULL "+qi(r[1]))
+	}
+	if pt.Foreign {
+		srv, err := m.foreignClause(ctx, tx, pt.OID)
+		if err != nil {
+			return nil, err
+		}
+		opts, err := m.foreignColumnOptions(ctx, tx, pt.OID, shadow)
+		if err != nil {
+			return nil, err
+		}
+		for i, a := range after {
+			after[i] = strings.Replace(a, "ALTER TABLE ONLY ", "ALTER FOREIGN TABLE ONLY ", 1)
+		}
+		s := "CREATE FOREIGN TABLE " + shadow + " (" + strings.Join(defs, ", ") + ") INHERITS (" + parent + ")" + srv
+		return append(append([]string{s}, after...), opts...), nil
 	}
 	s := "CREATE "
 	if pt.Persistence == "u" {

@@ -260,7 +260,7 @@ func (m *migration) check(ctx context.Context) error {
 		return fmt.Errorf("prepare: %w", err)
 	}
 	defer tx.Rollback(ctx) //nolint:errcheck
-	t, err := loadTable(ctx, tx, m.cmd.Schema, m.cmd.Table, m.opts.Capture == CaptureLogical)
+	t, err := loadTable(ctx, tx, m.cmd.Schema, m.cmd.Table, m.opts.Capture == CaptureLogical, m.opts.PartialMode)
 	if err != nil {
 		if errors.Is(err, ErrNoKey) && !m.cmd.NeedsRewrite() {
 			// A catalog-only change needs no key; only the table itself.

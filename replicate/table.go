@@ -34,7 +34,12 @@ type table struct {
 	ToastOptions []string
 	Columns      []column
 	Key          []string // key column names (original names)
-	replIdentKey bool     // the key is the replica identity index when there is one (logical capture)
+	// KeyPerLeaf: a partitioned table without a key of its own whose local
+	// leaves all have one on the same columns. Not unique across the tree,
+	// which the delta apply (set-based per key value) and the copy by key
+	// value windows do not need.
+	KeyPerLeaf   bool
+	replIdentKey bool // the key is the replica identity index when there is one (logical capture)
 	KeyTypes     []string
 	EstRows      int64
 	Fingerprint  string // of columns, indexes and constraints: concurrent DDL changes it
@@ -81,7 +86,12 @@ type partition struct {
 	RelOptions   []string `json:"reloptions"`
 	// Inherit: an inheritance child (no Bound). Its own columns and its
 	// copy lists differ from the root's.
-	Inherit     bool     `json:"inherit,omitempty"`
+	Inherit bool `json:"inherit,omitempty"`
+	// Foreign: a foreign-table partition or inheritance child. It holds no
+	// local rows: it is neither copied nor captured, and at the switch it
+	// is replaced by a foreign table of the same definition to which the
+	// ALTER applied (see foreign.go).
+	Foreign     bool     `json:"foreign,omitempty"`
 	InsertCols  []string `json:"insert_cols,omitempty"`
 	SelectExprs []string `json:"select_exprs,omitempty"`
 }
@@ -224,7 +234,9 @@ group by i.indexrelid`
 
 // loadTable reads the table's definition. rel is a quoted, possibly
 // schema-qualified name resolved with the session's search_path.
-func loadTable(ctx context.Context, conn pgx.Tx, schema, name string, replIdentKey bool) (*table, error) {
+// With partialTree a partitioned partition is migrated with its partitions
+// and attached back (the original's --partial-mode).
+func loadTable(ctx context.Context, conn pgx.Tx, schema, name string, replIdentKey, partialTree bool) (*table, error) {
 	var oid uint32
 	var rel string
 	if schema != "" {
@@ -247,7 +259,7 @@ func loadTable(ctx context.Context, conn pgx.Tx, schema, name string, replIdentK
 	if err != nil {
 		return nil, fmt.Errorf("read table %s: %w", rel, err)
 	}
-	if err := loadPartitions(ctx, conn, t, rel); err != nil {
+	if err := loadPartitions(ctx, conn, t, rel, partialTree); err != nil {
 		return nil, err
 	}
 	if err := conn.QueryRow(ctx, "select current_setting('server_version_num')::int").Scan(&t.Version); err != nil {
@@ -260,11 +272,17 @@ func loadTable(ctx context.Context, conn pgx.Tx, schema, name string, replIdentK
 	t.Columns = cols
 	t.replIdentKey = replIdentKey
 	err = conn.QueryRow(ctx, qKey, oid, replIdentKey).Scan(&t.Key, &t.KeyTypes)
-	if errors.Is(err, pgx.ErrNoRows) || len(t.Key) == 0 {
+	if errors.Is(err, pgx.ErrNoRows) && t.Kind == "p" {
+		err = leafKey(ctx, conn, t, rel)
+	}
+	if errors.Is(err, pgx.ErrNoRows) || err == nil && len(t.Key) == 0 {
 		return nil, fmt.Errorf("%s: %w", rel, ErrNoKey)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("find key of %s: %w", rel, err)
+	}
+	if err := checkForeignMembers(ctx, conn, t, rel); err != nil {
+		return nil, err
 	}
 	if err := checkInheritedKeys(ctx, conn, t); err != nil {
 		return nil, err
@@ -384,7 +402,7 @@ func columnDDL(c column) string {
 
 // loadParent reads the parent of a partition or an inheritance child and
 // refuses what the switch could not attach back without a scan under lock.
-func loadParent(ctx context.Context, conn pgx.Tx, t *table, rel string, isPartition bool) error {
+func loadParent(ctx context.Context, conn pgx.Tx, t *table, rel string, isPartition, partialTree bool) error {
 	rows, err := conn.Query(ctx, `select p.oid, n.nspname, p.relname, coalesce(pg_get_expr(c.relpartbound, c.oid), ''),
 		coalesce(pg_get_partition_constraintdef(c.oid), '')
 		from pg_inherits h join pg_class p on p.oid = h.inhparent join pg_namespace n on n.oid = p.relnamespace
@@ -416,8 +434,8 @@ func loadParent(ctx context.Context, conn pgx.Tx, t *table, rel string, isPartit
 		return nil
 	case len(parents) > 1:
 		return fmt.Errorf("%s inherits from %d tables; partial mode attaches a child back to one parent", rel, len(parents))
-	case isPartition && t.Kind == "p":
-		return fmt.Errorf("%s is a partitioned partition of %s: alter %[2]s, or one leaf partition", rel, parents[0].ident())
+	case isPartition && t.Kind == "p" && !partialTree:
+		return fmt.Errorf("%s is a partitioned partition of %s: alter %[2]s, one leaf partition, or this one with its partitions in partial mode (--partial-mode, partial_mode => true)", rel, parents[0].ident())
 	}
 	p := parents[0]
 	// Foreign keys of or to the parent's tree are cloned to, or check,
@@ -475,7 +493,7 @@ func checkInheritanceTree(ctx context.Context, conn pgx.Tx, t *table, rel string
 // root's key columns.
 func checkInheritedKeys(ctx context.Context, conn pgx.Tx, t *table) error {
 	for _, p := range t.Partitions {
-		if !p.Inherit {
+		if !p.Inherit || p.Foreign {
 			continue
 		}
 		var key []string
@@ -500,7 +518,7 @@ func (t *table) inherits() bool {
 // loadPartitions reads a partitioned table's tree and refuses what cannot
 // be swapped faithfully: temporary tables, system schemas, a partition on
 // its own, inheritance (non-partition) children, foreign-table partitions.
-func loadPartitions(ctx context.Context, conn pgx.Tx, t *table, rel string) error {
+func loadPartitions(ctx context.Context, conn pgx.Tx, t *table, rel string, partialTree bool) error {
 	var isPartition bool
 	if err := conn.QueryRow(ctx, "select relispartition from pg_class where oid = $1", t.OID).Scan(&isPartition); err != nil {
 		return err
@@ -513,7 +531,7 @@ func loadPartitions(ctx context.Context, conn pgx.Tx, t *table, rel string) erro
 	case t.Kind != "r" && t.Kind != "p":
 		return fmt.Errorf("%s is not a table (relkind %s)", rel, t.Kind)
 	}
-	if err := loadParent(ctx, conn, t, rel, isPartition); err != nil {
+	if err := loadParent(ctx, conn, t, rel, isPartition, partialTree); err != nil {
 		return err
 	}
 	rows, err := conn.Query(ctx, qPartitions, t.OID)
@@ -530,22 +548,13 @@ func loadPartitions(ctx context.Context, conn pgx.Tx, t *table, rel string) erro
 			&p.Persistence, &p.Tablespace, &p.RelOptions, &isPart); err != nil {
 			return fmt.Errorf("read partitions of %s: %w", rel, err)
 		}
-		if kind == "f" && !isPart {
-			return fmt.Errorf("%s has a foreign-table inheritance child (%s), which cannot be copied", rel, p.Name)
-		}
+		p.Foreign = kind == "f"
 		if !isPart {
 			// An inheritance child: migrated with the tree, its shadow a
 			// child of its parent's shadow (see plan.inherits).
 			p.Inherit = true
 			t.Partitions = append(t.Partitions, p)
 			continue
-		}
-		if kind == "f" {
-			// Leaving it in place and attaching it to the new tree would be
-			// a catalog change, but PostgreSQL allows no PRIMARY KEY or
-			// UNIQUE index on a tree with a foreign partition, and capture
-			// and copy need a key.
-			return fmt.Errorf("%s has a foreign-table partition (%s): PostgreSQL allows no primary key or unique index on such a tree, and online migration needs a key", rel, p.Name)
 		}
 		p.Bound = *bound
 		t.Partitions = append(t.Partitions, p)

@@ -23,6 +23,7 @@ type jobOptions struct {
 	SkipFKValidation              bool    `json:"skip_fk_validation"`
 	Verify                        bool    `json:"verify"`
 	VacuumFreeze                  bool    `json:"vacuum_freeze"`
+	PartialMode                   bool    `json:"partial_mode"`
 	CopyDataFilter                *string `json:"copy_data_filter"`
 	CommandBeforeSwitch           *string `json:"command_before_switch"`
 	CommandAfterSwitch            *string `json:"command_after_switch"`
@@ -108,7 +109,7 @@ func Options(j Job) (replicate.Options, error) {
 		return o, fmt.Errorf("options of migration %d: switch must be auto or manual, not %q", j.ID, jo.Switch)
 	}
 	o.SkipFKValidation = jo.SkipFKValidation
-	o.Verify, o.VacuumFreeze = jo.Verify, jo.VacuumFreeze
+	o.Verify, o.VacuumFreeze, o.PartialMode = jo.Verify, jo.VacuumFreeze, jo.PartialMode
 	for dst, src := range map[*string]*string{&o.CopyDataFilter: jo.CopyDataFilter,
 		&o.CommandBeforeSwitch: jo.CommandBeforeSwitch, &o.CommandAfterSwitch: jo.CommandAfterSwitch} {
 		if src != nil {

@@ -27,6 +27,7 @@ const usage = `usage: pg_tat [--help] [-c COMMAND] [-h HOST] [-d DBNAME] [-U USE
               [--show-queries] [--batch-size BATCH_SIZE] [--capture {trigger,logical}] [--verify] [--install]
               [--dry-run] [--copy-data-filter SQL] [--command-before-switch SQL] [--command-after-switch SQL]
               [--echo-queries] [--vacuum-freeze] [--catchup-timeout DURATION] [--copy-progress-interval SEC] [--version]
+              [--partial-mode]
 
 PostgreSQL tool for alter table without locks.
 
@@ -77,6 +78,8 @@ options:
  --copy-progress-interval SEC
                        print a progress line this often when not on a terminal (default 5)
  --version             print the version and exit
+ --partial-mode        allow altering a partitioned partition: it is migrated with its partitions
+                       and attached back (a leaf partition or inheritance child needs no flag)
 `
 
 func main() {
@@ -93,20 +96,20 @@ func (m *multi) String() string     { return strings.Join(*m, "; ") }
 func (m *multi) Set(v string) error { *m = append(*m, v); return nil }
 
 type cli struct {
-	commands                                   multi
-	host, dbname, user, password, port         string
-	workMem, maintenanceWorkMem                string
-	maxParallel, copyJobs, indexJobs, batch    int
-	cleanup, continueIdx, noSwitch, contSwitch bool
-	lockTimeout, betweenLocks                  string
-	minDelta                                   int64
-	skipFK, showQueries, help, install, verify bool
-	capture                                    string
-	filter                                     string
-	before, after                              multi
-	dryRun, echo, freeze, version              bool
-	catchupTimeout, progressEvery              string
-	command                                    string // the -c commands combined
+	commands                                            multi
+	host, dbname, user, password, port                  string
+	workMem, maintenanceWorkMem                         string
+	maxParallel, copyJobs, indexJobs, batch             int
+	cleanup, continueIdx, noSwitch, contSwitch          bool
+	lockTimeout, betweenLocks                           string
+	minDelta                                            int64
+	skipFK, showQueries, help, install, verify, partial bool
+	capture                                             string
+	filter                                              string
+	before, after                                       multi
+	dryRun, echo, freeze, version                       bool
+	catchupTimeout, progressEvery                       string
+	command                                             string // the -c commands combined
 }
 
 func parse(args []string, stderr io.Writer) (*cli, error) {
@@ -144,6 +147,7 @@ func parse(args []string, stderr io.Writer) (*cli, error) {
 	fs.BoolVar(&c.help, "help", false, "")
 	fs.BoolVar(&c.install, "install", false, "")
 	fs.BoolVar(&c.verify, "verify", false, "")
+	fs.BoolVar(&c.partial, "partial-mode", false, "")
 	str(&c.filter, "", "copy-data-filter")
 	fs.Var(&c.before, "command-before-switch", "")
 	fs.Var(&c.after, "command-after-switch", "")
@@ -186,6 +190,7 @@ func (c *cli) options() (replicate.Options, error) {
 	o.MaxParallelMaintenanceWorkers = c.maxParallel
 	o.SkipFKValidation = c.skipFK
 	o.Verify = c.verify
+	o.PartialMode = c.partial
 	o.CopyDataFilter = c.filter
 	o.CommandBeforeSwitch, o.CommandAfterSwitch = joinStatements(c.before), joinStatements(c.after)
 	o.DryRun = c.dryRun
