@@ -23,6 +23,7 @@ type keyTable struct {
 	keyCols string // "k" or "a, b"
 	keyDef  string // column definitions of the key
 	keyOf   string // the key's values, as SQL of an int expression written %s (no other %)
+	hashOn  string // when set, the table is partitioned by hash on this column, in 3 partitions
 }
 
 func (k keyTable) vals(id string) string { return strings.ReplaceAll(k.keyOf, "%s", id) }
@@ -30,9 +31,15 @@ func (k keyTable) vals(id string) string { return strings.ReplaceAll(k.keyOf, "%
 // create makes table and control with rows rows: key, id, v, n.
 func (k keyTable) create(e *env, table, control string, rows int) {
 	for _, tb := range []string{table, control} {
-		e.exec(fmt.Sprintf(`create table %s (%s, id int not null, v text, n int, primary key (%s));
-			insert into %[1]s select %[4]s, g, md5(g::text), g from generate_series(1, %[5]d) g`,
-			tb, k.keyDef, k.keyCols, k.vals("g"), rows))
+		part := ""
+		if k.hashOn != "" {
+			part = " partition by hash (" + k.hashOn + ")"
+		}
+		e.exec(fmt.Sprintf(`create table %s (%s, id int not null, v text, n int, primary key (%s))%s`, tb, k.keyDef, k.keyCols, part))
+		for i := 0; k.hashOn != "" && i < 3; i++ {
+			e.exec(fmt.Sprintf(`create table %s_p%d partition of %[1]s for values with (modulus 3, remainder %[2]d)`, tb, i))
+		}
+		e.exec(fmt.Sprintf(`insert into %s select %s, g, md5(g::text), g from generate_series(1, %d) g`, tb, k.vals("g"), rows))
 	}
 }
 
@@ -177,6 +184,14 @@ func TestCopySplitsTextKey(t *testing.T) {
 func TestCopySplitsCompositeKey(t *testing.T) {
 	t.Parallel()
 	runSplit(t, compositeKey, 100000, 2)
+}
+
+// A partitioned table's statistics are its inherited ones.
+func TestCopySplitsPartitionedCompositeKey(t *testing.T) {
+	t.Parallel()
+	k := compositeKey
+	k.hashOn = "a"
+	runSplit(t, k, 60000, 2)
 }
 
 func TestCopySplitsCompositeKeyOnCommonValues(t *testing.T) {
