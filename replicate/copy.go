@@ -7,6 +7,7 @@ import (
 	"math"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 )
@@ -19,12 +20,14 @@ import (
 // does not need to be consistent with itself, only complete.
 
 // planRanges fills the state table. A single integer key is split
-// arithmetically into several ranges per worker; any other key is copied as
-// one range in key order.
+// arithmetically into several ranges per worker; any other key (uuid, text,
+// composite...) is split on the histogram of its first column (statRanges),
+// else copied as one range in key order.
 func (m *migration) planRanges(ctx context.Context) error {
 	p := m.plan
 	var ranges [][2]*string
-	if len(p.Key) == 1 && isIntType(p.KeyTypes[0]) && !p.inherits() {
+	intKey := len(p.Key) == 1 && isIntType(p.KeyTypes[0]) && !p.inherits()
+	if intKey {
 		var lo, hi *int64
 		err := m.pool.QueryRow(ctx, fmt.Sprintf("SELECT min(%s)::bigint, max(%s)::bigint FROM %s",
 			qi(p.Key[0]), qi(p.Key[0]), m.t.ident())).Scan(&lo, &hi)
@@ -51,6 +54,12 @@ func (m *migration) planRanges(ctx context.Context) error {
 				}
 				prev = e
 			}
+		}
+	}
+	if !intKey && !p.inherits() {
+		var err error
+		if ranges, err = m.statRanges(ctx); err != nil {
+			return err
 		}
 	}
 	if ranges == nil {
@@ -88,13 +97,164 @@ func (m *migration) planRanges(ctx context.Context) error {
 	})
 }
 
+// statRanges splits a key on the statistics of its first column: the
+// histogram's bounds are quantiles of the key, so every few of them make
+// ranges of about equal rows whatever the key's type or skew. A first column
+// with too few distinct values for a histogram splits on its most common
+// values instead. The bounds are only split points: range i is
+// (split[i-1], split[i]] on the first column, the first open below and the
+// last open above, so the ranges cover the key space whatever the
+// statistics say (stale, or missing rows written since). Nil: no usable
+// statistics, one range.
+func (m *migration) statRanges(ctx context.Context) ([][2]*string, error) {
+	if m.t.EstRows > 0 && m.t.EstRows < 2*int64(m.opts.BatchSize) {
+		return nil, nil // one batch or two: nothing to share
+	}
+	vals, hist, est, err := m.keyStats(ctx)
+	if err != nil {
+		return m.noStats(ctx, err)
+	}
+	if vals == nil && m.opts.CopyDataJobs > 1 {
+		// Never analysed (a new or bulk-loaded table): ANALYZE of the key
+		// column samples a fixed number of rows, cheap next to the copy,
+		// and takes SHARE UPDATE EXCLUSIVE, which blocks no reader or
+		// writer. Under a short lock_timeout all the same: a VACUUM or DDL
+		// holding the table costs parallelism, never a queue behind us.
+		if err := m.analyzeKey(ctx); err != nil {
+			return m.noStats(ctx, err)
+		}
+		if vals, hist, est, err = m.keyStats(ctx); err != nil {
+			return m.noStats(ctx, err)
+		}
+	}
+	// Several ranges per worker, so that a worker done early takes over
+	// work, but none much below a batch: a range costs a batch at least.
+	n := m.opts.CopyDataJobs * 4
+	if est = max(est, m.t.EstRows); est > 0 {
+		n = int(min(int64(n), max(est/int64(m.opts.BatchSize), 1)))
+	}
+	splits := splitPoints(vals, n, hist)
+	if len(splits) == 0 {
+		return nil, nil
+	}
+	ranges := make([][2]*string, 0, len(splits)+1)
+	var prev *string
+	for i := range splits {
+		ranges = append(ranges, [2]*string{prev, &splits[i]})
+		prev = &splits[i]
+	}
+	ranges = append(ranges, [2]*string{prev, nil})
+	m.event(ctx, PhaseCopy, fmt.Sprintf("key split into %d ranges on the statistics of %s", len(ranges), qi(m.plan.Key[0])))
+	return ranges, nil
+}
+
+// noStats: statistics only speed the copy up, so failing to read them
+// costs parallelism, not the run (unless the run is being stopped).
+func (m *migration) noStats(ctx context.Context, err error) ([][2]*string, error) {
+	if ctx.Err() != nil {
+		return nil, err
+	}
+	m.event(ctx, PhaseCopy, "copying the key in one range: "+err.Error())
+	return nil, nil
+}
+
+// keyStats reads the histogram bounds of the key's first column (hist), else
+// its most common values, as text in the column's order: sorted again as the
+// key's type in the column's collation (what the copy's comparisons use), so
+// the split points are in the copy's order even if the statistics were made
+// under another collation or are stale. Nil when there are none.
+func (m *migration) keyStats(ctx context.Context) (vals []string, hist bool, est int64, err error) {
+	p := m.plan
+	coll := ""
+	for _, c := range m.t.Columns {
+		if c.Name == p.Key[0] && c.Collation != "" {
+			coll = " COLLATE " + c.Collation
+		}
+	}
+	// pg_stats holds a partitioned table's statistics as inherited ones.
+	// The row estimate too: ANALYZE may just have made it.
+	q := fmt.Sprintf(`SELECT s.hist, array_agg(v ORDER BY (v::%s)%s),
+       (SELECT reltuples::bigint FROM pg_catalog.pg_class WHERE oid = $5)
+FROM (SELECT histogram_bounds IS NOT NULL AS hist,
+             coalesce(histogram_bounds, most_common_vals)::text::text[] AS vals
+      FROM pg_catalog.pg_stats
+      WHERE schemaname = $1 AND tablename = $2 AND attname = $3 AND inherited = $4) s,
+     LATERAL (SELECT DISTINCT v FROM unnest(s.vals) v) u
+GROUP BY s.hist`, p.KeyTypes[0], coll)
+	err = m.pool.QueryRow(ctx, q, m.t.Schema, m.t.Name, p.Key[0], m.t.Kind == "p", m.t.OID).Scan(&hist, &vals, &est)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, false, 0, nil
+	}
+	if err != nil {
+		return nil, false, 0, fmt.Errorf("statistics of key column %s: %w", qi(p.Key[0]), err)
+	}
+	return vals, hist, est, nil
+}
+
+// analyzeKey runs ANALYZE on the original's first key column only: with a
+// column list ANALYZE evaluates no index expression, so no code of the
+// owner's beyond the key type's own. A few short tries: an autovacuum of
+// the table (likely on a freshly loaded one) holds the same lock a moment.
+func (m *migration) analyzeKey(ctx context.Context) error {
+	stmt := fmt.Sprintf("ANALYZE %s (%s)", m.t.ident(), qi(m.plan.Key[0]))
+	var err error
+	for attempt := 1; attempt <= 3; attempt++ {
+		err = m.lockedTx(ctx, m.pool, m.lockTimeout()*4, func(ctx context.Context, tx pgx.Tx) error {
+			if _, err := tx.Exec(ctx, pinnedPath); err != nil {
+				return err
+			}
+			_, err := m.exec(ctx, tx, stmt)
+			return err
+		})
+		if !isLockTimeout(err) {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(m.timeBetweenLocks()):
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("analyze the key of %s: %w", m.tableRef(), err)
+	}
+	return nil
+}
+
+// splitPoints picks at most n-1 split points, evenly spaced, from vals
+// (distinct, sorted). Histogram bounds (hist) are quantiles whose first and
+// last are the smallest and largest key sampled: only the inner ones split,
+// so the first and last ranges are not empty. Most common values are the
+// column's values themselves: each but the last may end a range.
+func splitPoints(vals []string, n int, hist bool) []string {
+	m := len(vals) // ranges possible: histogram m-1, common values m
+	if !hist {
+		m++
+	}
+	if n > m-1 {
+		n = m - 1
+	}
+	if n < 2 {
+		return nil
+	}
+	out := make([]string, 0, n-1)
+	for i := 1; i < n; i++ {
+		j := i * (m - 1) / n
+		if !hist {
+			j--
+		}
+		out = append(out, vals[j])
+	}
+	return out
+}
+
 func isIntType(t string) bool {
 	return t == "integer" || t == "bigint" || t == "smallint"
 }
 
 type copyRange struct {
 	id     int
-	lo, hi []string // exclusive lower, inclusive upper; nil = unbounded
+	lo, hi []string // exclusive lower, inclusive upper; nil = unbounded; may be a prefix of the key (rangeCond)
 	rel    int      // table of an inheritance tree (treeTables), else 0
 }
 
@@ -324,9 +484,13 @@ SELECT count(*) OVER (), ARRAY[%s] FROM src ORDER BY %s LIMIT 1`,
 }
 
 // rangeCond renders " WHERE (keys) > (lo) AND (keys) <= (hi)" for a key
-// range (nil bound = unbounded) with the bounds as parameters $1...
+// range (nil bound = unbounded) with the bounds as parameters $1... A bound
+// shorter than the key (a split point on the first column of a composite
+// key) compares that prefix of the key: k1 > lo1 takes every key whose first
+// column is above lo1, k1 <= hi1 every key whose first column is up to hi1,
+// so ranges split on the first column still tile the whole key space, and a
+// checkpoint (a whole key) within such a range narrows it as usual.
 func rangeCond(keys, types, lo, hi []string) (string, []any) {
-	keyRow := "(" + strings.Join(keys, ", ") + ")"
 	var where []string
 	var args []any
 	bound := func(op string, vals []string) {
@@ -335,6 +499,7 @@ func rangeCond(keys, types, lo, hi []string) (string, []any) {
 			args = append(args, v)
 			s[i] = fmt.Sprintf("$%d::%s", len(args), types[i])
 		}
+		keyRow := "(" + strings.Join(keys[:len(vals)], ", ") + ")"
 		where = append(where, keyRow+" "+op+" ("+strings.Join(s, ", ")+")")
 	}
 	if lo != nil {
