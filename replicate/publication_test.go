@@ -27,7 +27,9 @@ func conninfo(t *testing.T, u string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	q := func(s string) string { return "'" + strings.ReplaceAll(strings.ReplaceAll(s, `\`, `\\`), "'", `\'`) + "'" }
+	q := func(s string) string {
+		return "'" + strings.ReplaceAll(strings.ReplaceAll(s, `\`, `\\`), "'", `\'`) + "'"
+	}
 	host := p.Hostname()
 	if host == "" || host == "localhost" {
 		host = "127.0.0.1"
