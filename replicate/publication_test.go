@@ -231,3 +231,44 @@ func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
 		time.Sleep(200 * time.Millisecond)
 	}
 }
+
+// A partitioned table under a FOR ALL TABLES publication: every shadow
+// partition is marked and has a replica identity during the load; after the
+// switch the partitions are unmarked with the original's identities.
+func TestPublicationPartitioned(t *testing.T) {
+	forEachCapture(t, func(t *testing.T, capture string) {
+		e := newEnv(t)
+		e.exec(`create table pt (id int primary key, v text, n int) partition by range (id);
+			create table pt_1 partition of pt for values from (minvalue) to (1000);
+			create table pt_2 partition of pt for values from (1000) to (maxvalue);
+			alter table pt_2 replica identity full;
+			create table control (id int primary key, v text, n int);
+			insert into pt select g, md5(g::text), g from generate_series(1, 3000) g;
+			insert into control select * from pt;
+			create publication p for all tables`)
+		w := e.startWriter(2, "pt", "control", 4000)
+		o := captureOpts(capture, "alter table pt alter column n type bigint")
+		var during string
+		o.TestHook = func(ctx context.Context, point string, tx pgx.Tx) error {
+			if point == "before-lock" {
+				return e.pool.QueryRow(ctx, `select string_agg(relname || ':' || (relrewrite = 'pt'::regclass)::text || relreplident::text, ' ' order by relname)
+					from pg_class where relname like 'pt%\_\_tat\_new' and relkind = 'r'`).Scan(&during)
+			}
+			return nil
+		}
+		err := e.run(o)
+		w.Stop(t)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if during != "pt_1__tat_new:truef pt_2__tat_new:truef" {
+			t.Fatalf("shadow partitions during the load: %s", during)
+		}
+		if got := e.str(`select string_agg(relname || ':' || relrewrite::text || relreplident::text, ' ' order by relname)
+			from pg_class where relname in ('pt', 'pt_1', 'pt_2')`); got != "pt:0d pt_1:0d pt_2:0f" {
+			t.Fatalf("after the switch: %s", got)
+		}
+		e.assertSame("pt", "control", "id, v, n")
+		e.assertNoLeftovers("pt")
+	})
+}
