@@ -72,10 +72,10 @@ import (
 // confirmed.
 //
 // Publications FOR ALL TABLES (or TABLES IN SCHEMA) elsewhere on the server
-// also publish the shadow table T__tat_new; their subscribers need a table of
-// that name or their apply stops with an error. The delta is unlogged and so
-// never published. start() names such publications in an event (a warning);
-// it does not refuse, since the same is true of trigger capture.
+// would also publish the shadow table T__tat_new: prepare keeps it out of
+// them, or warns when it cannot (publication.go), for both capture methods.
+// The delta is unlogged and so never published. The run's own publication
+// lists T only, so the mark changes nothing for its stream.
 //
 // Preflight (logicalPreflight, called from check() before anything is
 // created) refuses, wrapped in ErrBadCommand: server older than 14 (no
@@ -274,20 +274,6 @@ func (c *logicalCapture) start(ctx context.Context) (string, error) {
 	// no WAL, is not decoded again and is not published anywhere.
 	if _, err := m.exec(ctx, m.pool, "ALTER TABLE "+m.deltaIdent()+" SET UNLOGGED"); err != nil {
 		return "", fmt.Errorf("logical capture: %w", err)
-	}
-	// The shadow of a partitioned table is published as its partitions.
-	schemas, names := []string{m.plan.Schema}, []string{m.plan.Shadow}
-	for _, pt := range localPartitions(m.plan.Partitions) {
-		schemas, names = append(schemas, pt.Schema), append(names, partShadow(pt))
-	}
-	var others string
-	if err := m.pool.QueryRow(ctx, `select coalesce(string_agg(distinct pubname, ', '), '') from pg_publication_tables
-		where (schemaname, tablename) in (select * from unnest($1::text[], $2::text[]))`, schemas, names).Scan(&others); err != nil {
-		return "", fmt.Errorf("logical capture: %w", err)
-	}
-	if others != "" {
-		m.event(ctx, PhaseCapture, fmt.Sprintf("warning: publication(s) %s publish all tables (FOR ALL TABLES or TABLES IN SCHEMA), so they also "+
-			"publish the shadow table %s while it is loaded; their subscribers need a table of that name or their apply will stop with an error", others, m.plan.Shadow))
 	}
 	// The publication belongs to the engine's own role (m.admin), like the
 	// cut-over transaction that takes the table out of it and the cleanup

@@ -216,6 +216,14 @@ func (m *migration) swap(ctx context.Context, tx pgx.Tx) (*dependents, error) {
 	if err := run("detach dependents", d.before); err != nil {
 		return nil, err
 	}
+	// After the last delta: the shadow's writes so far stay unpublished,
+	// the new table's are published (publication.go).
+	if err := run("publications", m.unhideStatements()); err != nil {
+		return nil, err
+	}
+	if err := m.unhide(ctx, tx); err != nil {
+		return nil, err
+	}
 	tbl := ident(p.Schema, p.Table)
 	partIdx, err := m.partitionIndexNames(ctx, tx, tbl)
 	if err != nil {

@@ -43,6 +43,11 @@ type plan struct {
 	ReplIndex string            `json:"repl_index"` // shadow index name for i
 	Renames   map[string]string `json:"renames"`    // column renames of the command
 
+	// Publications: those publishing every table of the run's schemas
+	// (publication.go); PubHidden: the run's tables are kept out of them.
+	Publications string `json:"publications,omitempty"`
+	PubHidden    bool   `json:"pub_hidden,omitempty"`
+
 	// Partitions of a partitioned table, parents first; each has a shadow
 	// named shadowName(name, "__tat_new") in its own schema.
 	Partitions []partition `json:"partitions"`
@@ -474,6 +479,9 @@ func (m *migration) prepareShadow(ctx context.Context, committed *bool) error {
 		return err
 	}
 	if err := m.planCopy(ctx, tx, p); err != nil {
+		return err
+	}
+	if err := m.planPublications(ctx, tx, p); err != nil {
 		return err
 	}
 	adminState := m.sb != nil && m.sb.adminState

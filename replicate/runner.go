@@ -160,8 +160,15 @@ func (m *migration) phases(ctx context.Context, resumed bool) error {
 		if err := m.prepare(ctx); err != nil {
 			return fmt.Errorf("prepare: %w", err)
 		}
+		if err := m.hideShadow(ctx); err != nil {
+			return fmt.Errorf("prepare: %w", err)
+		}
 		m.setPhase(ctx, PhaseCapture)
 		if err := m.createDelta(ctx); err != nil {
+			return fmt.Errorf("capture: %w", err)
+		}
+		// Before the capture writes to it.
+		if err := m.markHidden(ctx, []string{m.deltaIdent()}); err != nil {
 			return fmt.Errorf("capture: %w", err)
 		}
 		snap, err := m.capture.start(ctx)
