@@ -113,7 +113,8 @@ func (m *migration) readDependents(ctx context.Context, tx pgx.Tx) (*dependents,
 // for relDependents to carry over: the owner of the root (their shadows
 // are created by it), default privileges, row-level security and replica
 // identity, no foreign key, trigger (but clones enabled as their parents,
-// plainly), rule, policy, publication, statistics or comment of their own.
+// plainly; the capture's own clones, ENABLE ALWAYS, do not count: relTriggers
+// skips them too), rule, policy, publication, statistics or comment of their own.
 // Partitions usually are: this keeps the cut-over's reads (under its lock)
 // from growing by a dozen queries per partition.
 const qPlainMembers = `select c.oid::text from pg_class c, pg_class root
@@ -122,7 +123,8 @@ const qPlainMembers = `select c.oid::text from pg_class c, pg_class root
 	  and not exists (select 1 from pg_attribute a where a.attrelid = c.oid and a.attacl is not null)
 	  and not exists (select 1 from pg_constraint k where k.conrelid = c.oid and k.contype = 'f' and k.conparentid = 0)
 	  and not exists (select 1 from pg_trigger t left join pg_trigger pt on pt.oid = t.tgparentid where t.tgrelid = c.oid
-	                  and (not t.tgisinternal and t.tgparentid = 0 and t.tgname not in ($3, $4)
+	                  and t.tgname not in ($3, $4)
+	                  and (not t.tgisinternal and t.tgparentid = 0
 	                       or t.tgparentid <> 0 and t.tgconstraint = 0 and (t.tgenabled <> 'O' or pt.tgenabled <> 'O')))
 	  and not exists (select 1 from pg_rewrite r where r.ev_class = c.oid and r.rulename <> '_RETURN')
 	  and not exists (select 1 from pg_policy pl where pl.polrelid = c.oid)
