@@ -261,16 +261,11 @@ func (m *migration) swap(ctx context.Context, tx pgx.Tx) (*dependents, error) {
 	if err := run("attach foreign tables", p.attachForeign()); err != nil {
 		return nil, err
 	}
-	if err := m.renamePartitionIndexes(ctx, tx, tbl, partIdx); err != nil {
+	if err := m.renamePartitionIndexes(ctx, tx, tbl, partIdx, run); err != nil {
 		return nil, err
 	}
-	for _, is := range d.identity {
-		if _, err := m.exec(ctx, tx, "SELECT setval($1::regclass, $2, $3)", is.newSeq, is.last, is.called); err != nil {
-			return nil, fmt.Errorf("continue identity sequence: %w", err)
-		}
-		if _, err := m.exec(ctx, tx, "ALTER SEQUENCE "+is.newSeq+" RENAME TO "+qi(is.oldName)); err != nil {
-			return nil, fmt.Errorf("rename identity sequence: %w", err)
-		}
+	if err := run("rename identity sequences", d.identity); err != nil {
+		return nil, err
 	}
 	if err := run("re-create dependents", d.after); err != nil {
 		return nil, err
@@ -353,9 +348,10 @@ func (m *migration) validate(ctx context.Context) error {
 }
 
 // qPartitionIndexes lists, for every partition of $1, its indexes attached
-// to an index of its parent: (schema, partition, parent index, index).
+// to an index of its parent, parents first: (schema, partition, parent
+// index, index, parent index's oid, index's oid).
 const qPartitionIndexes = `
-select n.nspname, pc.relname, pi.relname, ci.relname
+select n.nspname, pc.relname, pi.relname, ci.relname, pi.oid::text, ci.oid::text
 from pg_partition_tree($1::regclass) pt
 join pg_index x on x.indrelid = pt.relid
 join pg_class ci on ci.oid = x.indexrelid
@@ -363,17 +359,18 @@ join pg_namespace n on n.oid = ci.relnamespace
 join pg_class pc on pc.oid = x.indrelid
 join pg_inherits h on h.inhrelid = ci.oid
 join pg_class pi on pi.oid = h.inhparent
-where pt.level > 0`
+where pt.level > 0
+order by pt.level, ci.oid`
 
 // partitionIndexNames remembers the names of the original partitions'
 // indexes (PostgreSQL names them itself when a parent index is created).
-func (m *migration) partitionIndexNames(ctx context.Context, tx pgx.Tx, tbl string) (map[string]string, error) {
+func (m *migration) partitionIndexNames(ctx context.Context, tx execer, tbl string) (map[string]string, error) {
 	if len(m.plan.Partitions) == 0 {
 		return nil, nil
 	}
 	rows, err := m.q(ctx, tx, qPartitionIndexes, tbl)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("read the names of the partitions' indexes: %w", err)
 	}
 	names := map[string]string{}
 	for _, r := range rows {
@@ -383,41 +380,39 @@ func (m *migration) partitionIndexNames(ctx context.Context, tx pgx.Tx, tbl stri
 }
 
 // renamePartitionIndexes gives the new partitions' indexes the original
-// names, level by level (a child's parent index is renamed first).
-func (m *migration) renamePartitionIndexes(ctx context.Context, tx pgx.Tx, tbl string, names map[string]string) error {
+// names: one read, then every rename in one round trip. An index is known by
+// its partition and the name of the index it is attached to, which is the
+// parent's new name when the parent index is itself renamed (rows come
+// parents first, so it is known by then).
+func (m *migration) renamePartitionIndexes(ctx context.Context, tx pgx.Tx, tbl string, names map[string]string,
+	run func(string, []string) error) error {
 	if len(m.plan.Partitions) == 0 {
 		return nil
 	}
-	if names == nil {
-		names = map[string]string{}
+	rows, err := m.q(ctx, tx, qPartitionIndexes, tbl)
+	if err != nil {
+		return fmt.Errorf("read the new partitions' indexes: %w", err)
 	}
-	for level := 0; level <= len(m.plan.Partitions); level++ {
-		rows, err := m.q(ctx, tx, qPartitionIndexes, tbl)
-		if err != nil {
-			return err
+	final := map[string]string{} // index oid -> its name after the renames
+	var stmts []string
+	for _, r := range rows {
+		parent := r[2]
+		if f, ok := final[r[4]]; ok {
+			parent = f
 		}
-		renamed := 0
-		for _, r := range rows {
-			want, ok := names[r[1]+"\x00"+r[2]]
-			if !ok {
-				// An index the ALTER added: PostgreSQL named it after the
-				// shadow partition; in place it would bear the partition's name.
-				if pre := shadowName(r[1], "__tat_new"); strings.HasPrefix(r[3], pre+"_") {
-					want, ok = truncName(r[1]+strings.TrimPrefix(r[3], pre), 63), true
-					names[r[1]+"\x00"+r[2]] = want
-				}
+		want, ok := names[r[1]+"\x00"+parent]
+		if !ok {
+			// An index the ALTER added: PostgreSQL named it after the
+			// shadow partition; in place it would bear the partition's name.
+			if pre := shadowName(r[1], "__tat_new"); strings.HasPrefix(r[3], pre+"_") {
+				want, ok = truncName(r[1]+strings.TrimPrefix(r[3], pre), 63), true
 			}
-			if !ok || want == r[3] {
-				continue
-			}
-			if _, err := m.exec(ctx, tx, "ALTER INDEX "+ident(r[0], r[3])+" RENAME TO "+qi(want)); err != nil {
-				return fmt.Errorf("rename partition index %s: %w", r[3], err)
-			}
-			renamed++
 		}
-		if renamed == 0 {
-			break
+		if !ok || want == r[3] {
+			continue
 		}
+		final[r[5]] = want
+		stmts = append(stmts, "ALTER INDEX "+ident(r[0], r[3])+" RENAME TO "+qi(want))
 	}
-	return nil
+	return run("rename partition indexes", stmts)
 }

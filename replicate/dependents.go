@@ -15,17 +15,11 @@ type dependents struct {
 	before   []string  // run before DROP TABLE
 	after    []string  // run after the rename
 	validate []fkCheck // VALIDATE CONSTRAINT, after commit
-	identity []identitySeq
+	identity []string  // renames of identity sequences, after the rename of the table
 
 	ver        int             // server_version_num
 	restore    string          // SET LOCAL ROLE back to the transaction's role after acting as a grantor
 	canGrantAs map[string]bool // grantor -> the session may act as it (cache)
-}
-
-type identitySeq struct {
-	oldSeq, oldName, newSeq string
-	last                    int64
-	called                  bool
 }
 
 // treeRel is one table whose own dependents the switch carries over: the
@@ -623,14 +617,16 @@ func (m *migration) depSequences(ctx context.Context, tx pgx.Tx, d *dependents, 
 		if id[2] == "" {
 			continue // the command dropped the identity
 		}
-		is := identitySeq{oldSeq: id[1], newSeq: id[2]}
-		if err := tx.QueryRow(ctx, "select last_value, is_called from "+id[1]).Scan(&is.last, &is.called); err != nil {
+		var oldName string
+		if err := tx.QueryRow(ctx, "select relname from pg_class where oid = $1::regclass", id[1]).Scan(&oldName); err != nil {
 			return fmt.Errorf("read identity sequence %s: %w", id[1], err)
 		}
-		if err := tx.QueryRow(ctx, "select relname from pg_class where oid = $1::regclass", id[1]).Scan(&is.oldName); err != nil {
-			return err
-		}
-		d.identity = append(d.identity, is)
+		// The new sequence continues from the old one's position, read by
+		// the statement itself under the lock (writers move it until then;
+		// the dependents may be read before the lock), before the old one
+		// goes with the table; then it takes the old one's name.
+		d.before = append(d.before, "SELECT setval("+quoteLiteral(id[2])+"::regclass, s.last_value, s.is_called) FROM "+id[1]+" s")
+		d.identity = append(d.identity, "ALTER SEQUENCE "+id[2]+" RENAME TO "+qi(oldName))
 	}
 	return nil
 }
