@@ -56,16 +56,22 @@ func (m *migration) cutover(ctx context.Context) error {
 				}
 			}
 		}
+		// What the switch must know about the original is read now, right
+		// before the lock, and only proven unchanged under it.
+		pre := m.readBeforeLock(ctx)
 		if _, err := m.exec(ctx, tx, "LOCK TABLE "+m.t.ident()+" IN ACCESS EXCLUSIVE MODE"); err != nil {
 			return err
 		}
 		started := time.Now()
-		d, err := m.swap(ctx, tx)
+		d, err := m.swap(ctx, tx, pre)
 		if err != nil {
 			return err
 		}
 		deps = d
 		m.event(ctx, PhaseSwitch, fmt.Sprintf("table swapped; lock held %s", time.Since(started).Round(time.Millisecond)))
+		for _, n := range d.notes {
+			m.event(ctx, PhaseSwitch, n)
+		}
 		return nil
 	}, func(ctx context.Context) error {
 		// Everything captured so far, outside the lock: the next attempt
@@ -158,7 +164,10 @@ func (m *migration) lockedOIDs() []uint32 {
 // ErrConcurrentDDL: the original's shape changed while the job ran.
 var ErrConcurrentDDL = errors.New("concurrent DDL")
 
-func (m *migration) swap(ctx context.Context, tx pgx.Tx) (*dependents, error) {
+// swap runs under the switch's lock: the last delta, the proof that the
+// original and its dependents are as read (pre, read before the lock; nil:
+// read now), then the statements, pipelined.
+func (m *migration) swap(ctx context.Context, tx pgx.Tx, pre *switchReads) (*dependents, error) {
 	p := m.plan
 	if err := m.capture.sync(ctx, tx); err != nil {
 		return nil, fmt.Errorf("capture sync: %w", err)
@@ -174,20 +183,24 @@ func (m *migration) swap(ctx context.Context, tx pgx.Tx) (*dependents, error) {
 	if _, err := tx.Exec(ctx, catalogPath); err != nil {
 		return nil, err
 	}
-	fp, err := treeFingerprint(ctx, tx, p.TableID, p.Partitions)
+	fp, depFP, err := m.switchFingerprints(ctx, tx, pre != nil)
 	if err != nil {
-		return nil, fmt.Errorf("fingerprint: %w", err)
+		return nil, err
 	}
 	if fp != p.Fingerprint {
 		return nil, fmt.Errorf("%w: the definition of %s changed during the migration (concurrent DDL); nothing was switched", ErrConcurrentDDL, m.tableRef())
 	}
-	d, err := m.readDependents(ctx, tx)
-	if err != nil {
-		return nil, fmt.Errorf("read dependents: %w", err)
+	reads := pre
+	if pre != nil && depFP != pre.fp {
+		m.event(ctx, PhaseSwitch, "the dependents changed since they were read before the lock; reading them again under it")
+		reads = nil
 	}
-	if err := m.swapMatViews(ctx, tx, d); err != nil {
-		return nil, fmt.Errorf("materialized views: %w", err)
+	if reads == nil {
+		if reads, err = m.readSwitch(ctx, tx); err != nil {
+			return nil, err
+		}
 	}
+	d, partIdx := reads.d, reads.partIdx
 	// Re-create with the session's search_path and, as pg_dump does, without
 	// checking function bodies (they resolve names when called).
 	if _, err := tx.Exec(ctx, "reset search_path; set local check_function_bodies = off"); err != nil {
@@ -217,10 +230,6 @@ func (m *migration) swap(ctx context.Context, tx pgx.Tx) (*dependents, error) {
 		return nil, err
 	}
 	tbl := ident(p.Schema, p.Table)
-	partIdx, err := m.partitionIndexNames(ctx, tx, tbl)
-	if err != nil {
-		return nil, err
-	}
 	drop := tbl
 	var stmts []string
 	for _, pt := range p.Partitions {

@@ -10,12 +10,17 @@ import (
 
 // dependents is what must be taken off the original before it is dropped
 // and put back on the new table after the rename, all inside the cut-over
-// transaction. It is read under the cut-over's lock, so it is current.
+// transaction. It is read right before the cut-over's lock and proven
+// current under it (prelock.go), or read under it.
 type dependents struct {
 	before   []string  // run before DROP TABLE
 	after    []string  // run after the rename
 	validate []fkCheck // VALIDATE CONSTRAINT, after commit
 	identity []string  // renames of identity sequences, after the rename of the table
+
+	// notes are said once the switch is done (the dependents may be read
+	// more than once: before each lock attempt).
+	notes []string
 
 	ver        int             // server_version_num
 	restore    string          // SET LOCAL ROLE back to the transaction's role after acting as a grantor
@@ -771,7 +776,7 @@ func (m *migration) grantAs(ctx context.Context, tx pgx.Tx, d *dependents, kind,
 		return nil, err
 	}
 	if !ok {
-		m.event(ctx, PhaseSwitch, fmt.Sprintf("%s on %s to %s was granted by %s; it is granted by the owner %s instead (this session cannot act as %s)",
+		d.notes = append(d.notes, fmt.Sprintf("%s on %s to %s was granted by %s; it is granted by the owner %s instead (this session cannot act as %s)",
 			priv, obj, grantee, e.grantor, owner, e.grantor))
 		return []string{s}, nil
 	}

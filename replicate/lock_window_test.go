@@ -73,6 +73,11 @@ func TestTreeSwitchLockWindow(t *testing.T) {
 				t.Fatalf("lock held %q: %v", found[1], err)
 			}
 			t.Logf("%s: lock held %s", tc.name, held)
+			// Nothing changed between the read and the lock: the read made
+			// before it stands.
+			if strings.Contains(joined, "under it") {
+				t.Errorf("dependents read under the lock:\n%s", joined)
+			}
 			if held > time.Second {
 				t.Errorf("%s: lock held %s (bound: 1s)", tc.name, held)
 			}
