@@ -12,8 +12,9 @@ import (
 
 // cutover swaps the shadow in, in one transaction:
 //
-//	SET LOCAL lock_timeout; LOCK original IN ACCESS EXCLUSIVE MODE;
-//	apply the last delta; read dependents; drop views, functions, inbound
+//	read dependents (own transaction, prelock.go); SET LOCAL lock_timeout;
+//	LOCK original IN ACCESS EXCLUSIVE MODE; apply the last delta; prove the
+//	table and its dependents unchanged (else read them again); drop views, functions, inbound
 //	FKs, materialized views (replacements built before the lock); DROP original; RENAME shadow; rename indexes and sequences;
 //	re-create dependents; drop delta, state and capture function; COMMIT.
 //
