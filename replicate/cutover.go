@@ -60,6 +60,9 @@ func (m *migration) cutover(ctx context.Context) error {
 		// What the switch must know about the original is read now, right
 		// before the lock, and only proven unchanged under it.
 		pre := m.readBeforeLock(ctx)
+		if err := m.hook(ctx, nil, hookDependentsRead); err != nil {
+			return err
+		}
 		if _, err := m.exec(ctx, tx, "LOCK TABLE "+m.t.ident()+" IN ACCESS EXCLUSIVE MODE"); err != nil {
 			return err
 		}
@@ -90,6 +93,10 @@ func (m *migration) cutover(ctx context.Context) error {
 // hookBeforeLock is the TestHook point right before the switch's first
 // lock attempt (tx is nil): a test commits a bulk change there.
 const hookBeforeLock = "before-lock"
+
+// hookDependentsRead is the TestHook point between the read of the
+// dependents and the lock request (tx is nil): a test changes one there.
+const hookDependentsRead = "dependents-read"
 
 // errSwitchPostponed: more changes arrived since the last catch-up than the
 // switch may apply under its lock; it lets go, catches up and tries again,

@@ -1,12 +1,15 @@
 package replicate_test
 
 import (
+	"context"
 	"fmt"
 	"regexp"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 
 	"github.com/pgtat/pg_tat/internal/testpg"
 )
@@ -92,4 +95,55 @@ func TestTreeSwitchLockWindow(t *testing.T) {
 			e.assertNoLeftovers("m")
 		})
 	}
+}
+
+// DDL committed between the read of the dependents (before the lock) and
+// the lock changes their fingerprint: the switch reads them again under the
+// lock and carries over what was added, changed and dropped in between.
+func TestTreeDependentsChangedBeforeLock(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.exec(`create table m (id int primary key, n int, v text) partition by range (id);
+		create table m_p0 partition of m for values from (0) to (100);
+		create table m_p1 partition of m for values from (100) to (200);
+		create view m_v as select id, n from m;
+		comment on table m_p1 is 'old';
+		insert into m select g, g, 'x' from generate_series(0, 199) g`)
+	var once sync.Once
+	var hookErr error
+	o := opts("alter table m alter column n type bigint")
+	o.TestHook = func(ctx context.Context, point string, _ pgx.Tx) error {
+		if point == "dependents-read" {
+			once.Do(func() {
+				_, hookErr = e.pool.Exec(ctx, `comment on table m_p0 is 'late';
+					comment on table m_p1 is 'changed';
+					create view m_w as select id from m_p1;
+					drop view m_v;
+					grant select on m_p0 to public`)
+			})
+		}
+		return nil
+	}
+	var mu sync.Mutex
+	var events []string
+	rep := reporterFunc(func(_, msg string) { mu.Lock(); events = append(events, msg); mu.Unlock() })
+	if err := runWith(e, o, rep); err != nil {
+		t.Fatal(err)
+	}
+	if hookErr != nil {
+		t.Fatal(hookErr)
+	}
+	mu.Lock()
+	joined := strings.Join(events, "\n")
+	mu.Unlock()
+	if !strings.Contains(joined, "reading them again under it") {
+		t.Fatalf("the change between the read and the lock went unnoticed:\n%s", joined)
+	}
+	got := e.str(`select concat_ws(' ', obj_description('m_p0'::regclass, 'pg_class'), obj_description('m_p1'::regclass, 'pg_class'),
+		to_regclass('m_v') is null, (select count(*) from m_w), has_table_privilege('public', 'm_p0', 'select'),
+		(select format_type(atttypid, atttypmod) from pg_attribute where attrelid = 'm_p1'::regclass and attname = 'n'))`)
+	if want := "late changed t 100 t bigint"; got != want {
+		t.Fatalf("after the switch: %q, want %q", got, want)
+	}
+	e.assertNoLeftovers("m")
 }
