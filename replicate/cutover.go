@@ -12,8 +12,9 @@ import (
 
 // cutover swaps the shadow in, in one transaction:
 //
-//	SET LOCAL lock_timeout; LOCK original IN ACCESS EXCLUSIVE MODE;
-//	apply the last delta; read dependents; drop views, functions, inbound
+//	read dependents (own transaction, prelock.go); SET LOCAL lock_timeout;
+//	LOCK original IN ACCESS EXCLUSIVE MODE; apply the last delta; prove the
+//	table and its dependents unchanged (else read them again); drop views, functions, inbound
 //	FKs, materialized views (replacements built before the lock); DROP original; RENAME shadow; rename indexes and sequences;
 //	re-create dependents; drop delta, state and capture function; COMMIT.
 //
@@ -56,16 +57,25 @@ func (m *migration) cutover(ctx context.Context) error {
 				}
 			}
 		}
+		// What the switch must know about the original is read now, right
+		// before the lock, and only proven unchanged under it.
+		pre := m.readBeforeLock(ctx)
+		if err := m.hook(ctx, nil, hookDependentsRead); err != nil {
+			return err
+		}
 		if _, err := m.exec(ctx, tx, "LOCK TABLE "+m.t.ident()+" IN ACCESS EXCLUSIVE MODE"); err != nil {
 			return err
 		}
 		started := time.Now()
-		d, err := m.swap(ctx, tx)
+		d, err := m.swap(ctx, tx, pre)
 		if err != nil {
 			return err
 		}
 		deps = d
 		m.event(ctx, PhaseSwitch, fmt.Sprintf("table swapped; lock held %s", time.Since(started).Round(time.Millisecond)))
+		for _, n := range d.notes {
+			m.event(ctx, PhaseSwitch, n)
+		}
 		return nil
 	}, func(ctx context.Context) error {
 		// Everything captured so far, outside the lock: the next attempt
@@ -83,6 +93,10 @@ func (m *migration) cutover(ctx context.Context) error {
 // hookBeforeLock is the TestHook point right before the switch's first
 // lock attempt (tx is nil): a test commits a bulk change there.
 const hookBeforeLock = "before-lock"
+
+// hookDependentsRead is the TestHook point between the read of the
+// dependents and the lock request (tx is nil): a test changes one there.
+const hookDependentsRead = "dependents-read"
 
 // errSwitchPostponed: more changes arrived since the last catch-up than the
 // switch may apply under its lock; it lets go, catches up and tries again,
@@ -158,7 +172,10 @@ func (m *migration) lockedOIDs() []uint32 {
 // ErrConcurrentDDL: the original's shape changed while the job ran.
 var ErrConcurrentDDL = errors.New("concurrent DDL")
 
-func (m *migration) swap(ctx context.Context, tx pgx.Tx) (*dependents, error) {
+// swap runs under the switch's lock: the last delta, the proof that the
+// original and its dependents are as read (pre, read before the lock; nil:
+// read now), then the statements, pipelined.
+func (m *migration) swap(ctx context.Context, tx pgx.Tx, pre *switchReads) (*dependents, error) {
 	p := m.plan
 	if err := m.capture.sync(ctx, tx); err != nil {
 		return nil, fmt.Errorf("capture sync: %w", err)
@@ -174,20 +191,24 @@ func (m *migration) swap(ctx context.Context, tx pgx.Tx) (*dependents, error) {
 	if _, err := tx.Exec(ctx, catalogPath); err != nil {
 		return nil, err
 	}
-	fp, err := treeFingerprint(ctx, tx, p.TableID, p.Partitions)
+	fp, depFP, err := m.switchFingerprints(ctx, tx, pre != nil)
 	if err != nil {
-		return nil, fmt.Errorf("fingerprint: %w", err)
+		return nil, err
 	}
 	if fp != p.Fingerprint {
 		return nil, fmt.Errorf("%w: the definition of %s changed during the migration (concurrent DDL); nothing was switched", ErrConcurrentDDL, m.tableRef())
 	}
-	d, err := m.readDependents(ctx, tx)
-	if err != nil {
-		return nil, fmt.Errorf("read dependents: %w", err)
+	reads := pre
+	if pre != nil && depFP != pre.fp {
+		m.event(ctx, PhaseSwitch, "the dependents changed since they were read before the lock; reading them again under it")
+		reads = nil
 	}
-	if err := m.swapMatViews(ctx, tx, d); err != nil {
-		return nil, fmt.Errorf("materialized views: %w", err)
+	if reads == nil {
+		if reads, err = m.readSwitch(ctx, tx); err != nil {
+			return nil, err
+		}
 	}
+	d, partIdx := reads.d, reads.partIdx
 	// Re-create with the session's search_path and, as pg_dump does, without
 	// checking function bodies (they resolve names when called).
 	if _, err := tx.Exec(ctx, "reset search_path; set local check_function_bodies = off"); err != nil {
@@ -225,10 +246,6 @@ func (m *migration) swap(ctx context.Context, tx pgx.Tx) (*dependents, error) {
 		return nil, err
 	}
 	tbl := ident(p.Schema, p.Table)
-	partIdx, err := m.partitionIndexNames(ctx, tx, tbl)
-	if err != nil {
-		return nil, err
-	}
 	drop := tbl
 	var stmts []string
 	for _, pt := range p.Partitions {
@@ -269,16 +286,11 @@ func (m *migration) swap(ctx context.Context, tx pgx.Tx) (*dependents, error) {
 	if err := run("attach foreign tables", p.attachForeign()); err != nil {
 		return nil, err
 	}
-	if err := m.renamePartitionIndexes(ctx, tx, tbl, partIdx); err != nil {
+	if err := m.renamePartitionIndexes(ctx, tx, tbl, partIdx, run); err != nil {
 		return nil, err
 	}
-	for _, is := range d.identity {
-		if _, err := m.exec(ctx, tx, "SELECT setval($1::regclass, $2, $3)", is.newSeq, is.last, is.called); err != nil {
-			return nil, fmt.Errorf("continue identity sequence: %w", err)
-		}
-		if _, err := m.exec(ctx, tx, "ALTER SEQUENCE "+is.newSeq+" RENAME TO "+qi(is.oldName)); err != nil {
-			return nil, fmt.Errorf("rename identity sequence: %w", err)
-		}
+	if err := run("rename identity sequences", d.identity); err != nil {
+		return nil, err
 	}
 	if err := run("re-create dependents", d.after); err != nil {
 		return nil, err
@@ -361,9 +373,10 @@ func (m *migration) validate(ctx context.Context) error {
 }
 
 // qPartitionIndexes lists, for every partition of $1, its indexes attached
-// to an index of its parent: (schema, partition, parent index, index).
+// to an index of its parent, parents first: (schema, partition, parent
+// index, index, parent index's oid, index's oid).
 const qPartitionIndexes = `
-select n.nspname, pc.relname, pi.relname, ci.relname
+select n.nspname, pc.relname, pi.relname, ci.relname, pi.oid::text, ci.oid::text
 from pg_partition_tree($1::regclass) pt
 join pg_index x on x.indrelid = pt.relid
 join pg_class ci on ci.oid = x.indexrelid
@@ -371,17 +384,18 @@ join pg_namespace n on n.oid = ci.relnamespace
 join pg_class pc on pc.oid = x.indrelid
 join pg_inherits h on h.inhrelid = ci.oid
 join pg_class pi on pi.oid = h.inhparent
-where pt.level > 0`
+where pt.level > 0
+order by pt.level, ci.oid`
 
 // partitionIndexNames remembers the names of the original partitions'
 // indexes (PostgreSQL names them itself when a parent index is created).
-func (m *migration) partitionIndexNames(ctx context.Context, tx pgx.Tx, tbl string) (map[string]string, error) {
+func (m *migration) partitionIndexNames(ctx context.Context, tx execer, tbl string) (map[string]string, error) {
 	if len(m.plan.Partitions) == 0 {
 		return nil, nil
 	}
 	rows, err := m.q(ctx, tx, qPartitionIndexes, tbl)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("read the names of the partitions' indexes: %w", err)
 	}
 	names := map[string]string{}
 	for _, r := range rows {
@@ -391,41 +405,39 @@ func (m *migration) partitionIndexNames(ctx context.Context, tx pgx.Tx, tbl stri
 }
 
 // renamePartitionIndexes gives the new partitions' indexes the original
-// names, level by level (a child's parent index is renamed first).
-func (m *migration) renamePartitionIndexes(ctx context.Context, tx pgx.Tx, tbl string, names map[string]string) error {
+// names: one read, then every rename in one round trip. An index is known by
+// its partition and the name of the index it is attached to, which is the
+// parent's new name when the parent index is itself renamed (rows come
+// parents first, so it is known by then).
+func (m *migration) renamePartitionIndexes(ctx context.Context, tx pgx.Tx, tbl string, names map[string]string,
+	run func(string, []string) error) error {
 	if len(m.plan.Partitions) == 0 {
 		return nil
 	}
-	if names == nil {
-		names = map[string]string{}
+	rows, err := m.q(ctx, tx, qPartitionIndexes, tbl)
+	if err != nil {
+		return fmt.Errorf("read the new partitions' indexes: %w", err)
 	}
-	for level := 0; level <= len(m.plan.Partitions); level++ {
-		rows, err := m.q(ctx, tx, qPartitionIndexes, tbl)
-		if err != nil {
-			return err
+	final := map[string]string{} // index oid -> its name after the renames
+	var stmts []string
+	for _, r := range rows {
+		parent := r[2]
+		if f, ok := final[r[4]]; ok {
+			parent = f
 		}
-		renamed := 0
-		for _, r := range rows {
-			want, ok := names[r[1]+"\x00"+r[2]]
-			if !ok {
-				// An index the ALTER added: PostgreSQL named it after the
-				// shadow partition; in place it would bear the partition's name.
-				if pre := shadowName(r[1], "__tat_new"); strings.HasPrefix(r[3], pre+"_") {
-					want, ok = truncName(r[1]+strings.TrimPrefix(r[3], pre), 63), true
-					names[r[1]+"\x00"+r[2]] = want
-				}
+		want, ok := names[r[1]+"\x00"+parent]
+		if !ok {
+			// An index the ALTER added: PostgreSQL named it after the
+			// shadow partition; in place it would bear the partition's name.
+			if pre := shadowName(r[1], "__tat_new"); strings.HasPrefix(r[3], pre+"_") {
+				want, ok = truncName(r[1]+strings.TrimPrefix(r[3], pre), 63), true
 			}
-			if !ok || want == r[3] {
-				continue
-			}
-			if _, err := m.exec(ctx, tx, "ALTER INDEX "+ident(r[0], r[3])+" RENAME TO "+qi(want)); err != nil {
-				return fmt.Errorf("rename partition index %s: %w", r[3], err)
-			}
-			renamed++
 		}
-		if renamed == 0 {
-			break
+		if !ok || want == r[3] {
+			continue
 		}
+		final[r[5]] = want
+		stmts = append(stmts, "ALTER INDEX "+ident(r[0], r[3])+" RENAME TO "+qi(want))
 	}
-	return nil
+	return run("rename partition indexes", stmts)
 }

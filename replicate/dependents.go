@@ -10,22 +10,21 @@ import (
 
 // dependents is what must be taken off the original before it is dropped
 // and put back on the new table after the rename, all inside the cut-over
-// transaction. It is read under the cut-over's lock, so it is current.
+// transaction. It is read right before the cut-over's lock and proven
+// current under it (prelock.go), or read under it.
 type dependents struct {
 	before   []string  // run before DROP TABLE
 	after    []string  // run after the rename
 	validate []fkCheck // VALIDATE CONSTRAINT, after commit
-	identity []identitySeq
+	identity []string  // renames of identity sequences, after the rename of the table
+
+	// notes are said once the switch is done (the dependents may be read
+	// more than once: before each lock attempt).
+	notes []string
 
 	ver        int             // server_version_num
 	restore    string          // SET LOCAL ROLE back to the transaction's role after acting as a grantor
 	canGrantAs map[string]bool // grantor -> the session may act as it (cache)
-}
-
-type identitySeq struct {
-	oldSeq, oldName, newSeq string
-	last                    int64
-	called                  bool
 }
 
 // treeRel is one table whose own dependents the switch carries over: the
@@ -113,7 +112,8 @@ func (m *migration) readDependents(ctx context.Context, tx pgx.Tx) (*dependents,
 // for relDependents to carry over: the owner of the root (their shadows
 // are created by it), default privileges, row-level security and replica
 // identity, no foreign key, trigger (but clones enabled as their parents,
-// plainly), rule, policy, publication, statistics or comment of their own.
+// plainly; the capture's own clones, ENABLE ALWAYS, do not count: relTriggers
+// skips them too), rule, policy, publication, statistics or comment of their own.
 // Partitions usually are: this keeps the cut-over's reads (under its lock)
 // from growing by a dozen queries per partition.
 const qPlainMembers = `select c.oid::text from pg_class c, pg_class root
@@ -122,7 +122,8 @@ const qPlainMembers = `select c.oid::text from pg_class c, pg_class root
 	  and not exists (select 1 from pg_attribute a where a.attrelid = c.oid and a.attacl is not null)
 	  and not exists (select 1 from pg_constraint k where k.conrelid = c.oid and k.contype = 'f' and k.conparentid = 0)
 	  and not exists (select 1 from pg_trigger t left join pg_trigger pt on pt.oid = t.tgparentid where t.tgrelid = c.oid
-	                  and (not t.tgisinternal and t.tgparentid = 0 and t.tgname not in ($3, $4)
+	                  and t.tgname not in ($3, $4)
+	                  and (not t.tgisinternal and t.tgparentid = 0
 	                       or t.tgparentid <> 0 and t.tgconstraint = 0 and (t.tgenabled <> 'O' or pt.tgenabled <> 'O')))
 	  and not exists (select 1 from pg_rewrite r where r.ev_class = c.oid and r.rulename <> '_RETURN')
 	  and not exists (select 1 from pg_policy pl where pl.polrelid = c.oid)
@@ -621,14 +622,16 @@ func (m *migration) depSequences(ctx context.Context, tx pgx.Tx, d *dependents, 
 		if id[2] == "" {
 			continue // the command dropped the identity
 		}
-		is := identitySeq{oldSeq: id[1], newSeq: id[2]}
-		if err := tx.QueryRow(ctx, "select last_value, is_called from "+id[1]).Scan(&is.last, &is.called); err != nil {
+		var oldName string
+		if err := tx.QueryRow(ctx, "select relname from pg_class where oid = $1::regclass", id[1]).Scan(&oldName); err != nil {
 			return fmt.Errorf("read identity sequence %s: %w", id[1], err)
 		}
-		if err := tx.QueryRow(ctx, "select relname from pg_class where oid = $1::regclass", id[1]).Scan(&is.oldName); err != nil {
-			return err
-		}
-		d.identity = append(d.identity, is)
+		// The new sequence continues from the old one's position, read by
+		// the statement itself under the lock (writers move it until then;
+		// the dependents may be read before the lock), before the old one
+		// goes with the table; then it takes the old one's name.
+		d.before = append(d.before, "SELECT setval("+quoteLiteral(id[2])+"::regclass, s.last_value, s.is_called) FROM "+id[1]+" s")
+		d.identity = append(d.identity, "ALTER SEQUENCE "+id[2]+" RENAME TO "+qi(oldName))
 	}
 	return nil
 }
@@ -773,7 +776,7 @@ func (m *migration) grantAs(ctx context.Context, tx pgx.Tx, d *dependents, kind,
 		return nil, err
 	}
 	if !ok {
-		m.event(ctx, PhaseSwitch, fmt.Sprintf("%s on %s to %s was granted by %s; it is granted by the owner %s instead (this session cannot act as %s)",
+		d.notes = append(d.notes, fmt.Sprintf("%s on %s to %s was granted by %s; it is granted by the owner %s instead (this session cannot act as %s)",
 			priv, obj, grantee, e.grantor, owner, e.grantor))
 		return []string{s}, nil
 	}

@@ -352,11 +352,14 @@ func treeFingerprint(ctx context.Context, q querier, root uint32, parts []partit
 		return fp, err
 	}
 	// One round trip for the whole tree: the switch runs it under its lock.
-	tree := strings.Replace(qFingerprint, "$1", "u.oid", -1)
-	err := q.QueryRow(ctx, `select string_agg((`+tree+`), ',' order by u.ord)
-		from unnest($1::oid[]) with ordinality u(oid, ord)`, append([]uint32{root}, oidsOf(parts)...)).Scan(&fp)
+	err := q.QueryRow(ctx, qTreeFingerprint, append([]uint32{root}, oidsOf(parts)...)).Scan(&fp)
 	return fp, err
 }
+
+// qTreeFingerprint is qFingerprint of every table of $1, in order; for one
+// table, the same as qFingerprint.
+var qTreeFingerprint = `select string_agg((` + strings.ReplaceAll(qFingerprint, "$1", "u.oid") + `), ',' order by u.ord)
+	from unnest($1::oid[]) with ordinality u(oid, ord)`
 
 func oidsOf(parts []partition) []uint32 {
 	oids := make([]uint32, len(parts))
