@@ -305,7 +305,7 @@ func (m *migration) applyDeltaTx(ctx context.Context, tx pgx.Tx, limit int64) (i
 		m.shadowIdent(), delta, strings.Join(on, " AND "))
 	ins := fmt.Sprintf(`INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM %s t
 WHERE (%s) IN (SELECT %s FROM %s WHERE seq > $1 AND seq < $2 AND op NOT IN ('T', 'P'))%s`,
-		m.shadowIdent(), strings.Join(p.InsertCols, ", "), strings.Join(p.SelectExprs, ", "), m.t.ident(),
+		m.shadowIdent(), strings.Join(p.InsertCols, ", "), strings.Join(p.SelectExprs, ", "), m.srcRel(),
 		strings.Join(src, ", "), strings.Join(kc, ", "), delta, m.filterAnd())
 	// apply replays the keys with from < seq < to.
 	apply := func(from, to int64) error {

@@ -205,7 +205,7 @@ func (m *migration) buildClosure(idx []closureIndex, types map[string]string) (*
 	// shadow row.
 	stmt := func(where string) string {
 		ctes := []string{fmt.Sprintf("reread AS (SELECT %s FROM %s t WHERE %s%s)",
-			strings.Join(sel, ", "), m.t.ident(), where, m.filterAnd())}
+			strings.Join(sel, ", "), m.srcRel(), where, m.filterAnd())}
 		var outs []string
 		for j, ix := range use {
 			rcols := make([]string, len(ix.Cols))
@@ -231,7 +231,7 @@ func (m *migration) buildClosure(idx []closureIndex, types map[string]string) (*
 		c.indexes = append(c.indexes, p.finalIndexName(ix.Name))
 	}
 	c.insertKeys = fmt.Sprintf("INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM %s t WHERE %s%s",
-		m.shadowIdent(), strings.Join(p.InsertCols, ", "), strings.Join(p.SelectExprs, ", "), m.t.ident(), byKeys, m.filterAnd())
+		m.shadowIdent(), strings.Join(p.InsertCols, ", "), strings.Join(p.SelectExprs, ", "), m.srcRel(), byKeys, m.filterAnd())
 	return c, skipped
 }
 

@@ -30,7 +30,7 @@ func (m *migration) planRanges(ctx context.Context) error {
 	if intKey {
 		var lo, hi *int64
 		err := m.pool.QueryRow(ctx, fmt.Sprintf("SELECT min(%s)::bigint, max(%s)::bigint FROM %s",
-			qi(p.Key[0]), qi(p.Key[0]), m.t.ident())).Scan(&lo, &hi)
+			qi(p.Key[0]), qi(p.Key[0]), m.srcRel()+" t")).Scan(&lo, &hi)
 		if err != nil {
 			return fmt.Errorf("key bounds: %w", err)
 		}
@@ -277,7 +277,7 @@ func (m *migration) copyData(ctx context.Context) error {
 		var est int64
 		err := m.batchTx(ctx, func(tx pgx.Tx) error {
 			k := qi(m.plan.Key[0])
-			return tx.QueryRow(ctx, fmt.Sprintf("SELECT min(%s)::bigint, max(%s)::bigint FROM %s", k, k, m.t.ident())).Scan(&kmin, &kmax)
+			return tx.QueryRow(ctx, fmt.Sprintf("SELECT min(%s)::bigint, max(%s)::bigint FROM %s t", k, k, m.srcRel())).Scan(&kmin, &kmax)
 		})
 		if err != nil {
 			return fmt.Errorf("key bounds: %w", err)
@@ -334,7 +334,7 @@ func (m *migration) copyIntRange(ctx context.Context, r copyRange, kmin, kmax in
 	// INSERT ... SELECT (written as a CTE so every copy batch reads alike
 	// in --show-queries).
 	ins := fmt.Sprintf("WITH src AS (SELECT %s FROM %s t WHERE %s > $1::bigint",
-		strings.Join(p.SelectExprs, ", "), m.t.ident(), key)
+		strings.Join(p.SelectExprs, ", "), m.srcRel(), key)
 	tail := fmt.Sprintf(") INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT * FROM src",
 		m.shadowIdent(), strings.Join(p.InsertCols, ", "))
 	cur := kmin - 1
@@ -425,7 +425,7 @@ func (m *migration) copyRange(ctx context.Context, r copyRange) error {
 		lastK[i] = fmt.Sprintf("_k%d::text", i+1)
 		descK[i] = fmt.Sprintf("_k%d DESC", i+1)
 	}
-	src, dst, insCols := m.t.ident(), m.shadowIdent(), p.InsertCols
+	src, dst, insCols := m.srcRel(), m.shadowIdent(), p.InsertCols
 	if p.inherits() {
 		tt := m.treeTables()[r.rel]
 		src, dst, insCols = tt.Src, tt.Dst, tt.InsertCols

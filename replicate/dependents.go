@@ -862,7 +862,11 @@ func (m *migration) tableComments(ctx context.Context, tx pgx.Tx, d *dependents,
 	for _, c := range com {
 		switch c[0] {
 		case "TABLE":
-			out = append(out, "COMMENT ON TABLE "+tbl+" IS "+quoteLiteral(c[2]))
+			kind := "TABLE "
+			if r.foreign {
+				kind = "FOREIGN TABLE "
+			}
+			out = append(out, "COMMENT ON "+kind+tbl+" IS "+quoteLiteral(c[2]))
 		case "COLUMN":
 			if n, ok := newCol(c[1]); ok {
 				out = append(out, "COMMENT ON COLUMN "+tbl+"."+qi(n)+" IS "+quoteLiteral(c[2]))

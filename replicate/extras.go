@@ -64,41 +64,24 @@ func walkTree(m protoreflect.Message, fn func(protoreflect.Message)) {
 	})
 }
 
-// srcFilter is what every read of the original (aliased t) keeps: the copy
-// filter, and only the tree's local tables (foreign.go).
-func (m *migration) srcFilter() string {
-	var conds []string
-	if m.filter != "" {
-		conds = append(conds, m.filter)
-	}
-	if m.plan != nil {
-		if l := m.plan.localOnly(); l != "" {
-			conds = append(conds, l)
-		}
-	}
-	return strings.Join(conds, " AND ")
-}
-
 // filterAnd is " AND (filter)" for a WHERE over the original aliased t.
 func (m *migration) filterAnd() string {
-	f := m.srcFilter()
-	if f == "" {
+	if m.filter == "" {
 		return ""
 	}
-	return " AND " + f
+	return " AND " + m.filter
 }
 
 // filterWhere turns a range condition (" WHERE ..." or "") into one that
 // also applies the filter.
 func (m *migration) filterWhere(cond string) string {
-	f := m.srcFilter()
-	if f == "" {
+	if m.filter == "" {
 		return cond
 	}
 	if cond == "" {
-		return " WHERE " + f
+		return " WHERE " + m.filter
 	}
-	return cond + " AND " + f
+	return cond + " AND " + m.filter
 }
 
 // switchCommand runs a user's --command-before-switch / -after-switch inside

@@ -21,7 +21,7 @@ import (
 // shadow. The switch drops the original with the old tree and attaches the
 // new definition, under the old name, to the new tree: a catalog change,
 // the remote data untouched. Reads of the original (copy, catch-up,
-// verify) skip the foreign members by tableoid.
+// verify) read its local tables only (srcRel).
 
 // leafKey finds the key of a partitioned table that has none of its own:
 // every local leaf has one on the same columns (the original pg_tat's
@@ -220,19 +220,43 @@ func (p *plan) attachForeign() []string {
 	return stmts
 }
 
-// localOnly is the condition that keeps reads of the original to its local
-// tables: "" without foreign members.
-func (p *plan) localOnly() string {
-	var oids []string
+// srcRel is the original as the copy, the catch-up and verify read it:
+// the table itself, or, for a partition tree with foreign partitions, its
+// local leaves (the root's columns, in its order) as one UNION ALL, into
+// which PostgreSQL pushes each read's conditions: reading the root would
+// scan the foreign partitions remotely (a batch of the copy would depend
+// on the archive server being up) or fail (an FDW without handler).
+// Inheritance trees are read table by table (treeTables), never through
+// their foreign children.
+func (m *migration) srcRel() string {
+	p := m.plan
+	if p == nil || p.inherits() || !p.hasForeign() {
+		return m.t.ident()
+	}
+	cols := make([]string, len(m.t.Columns))
+	for i, c := range m.t.Columns {
+		cols[i] = qi(c.Name)
+	}
+	list := strings.Join(cols, ", ")
+	// The root first: no rows (ONLY a partitioned table), but the UNION ALL
+	// is never empty.
+	parts := []string{"SELECT " + list + " FROM ONLY " + m.t.ident()}
 	for _, pt := range p.Partitions {
-		if pt.Foreign {
-			oids = append(oids, fmt.Sprint(pt.OID))
+		if pt.PartKey == "" && !pt.Foreign {
+			parts = append(parts, "SELECT "+list+" FROM ONLY "+ident(pt.Schema, pt.Name))
 		}
 	}
-	if len(oids) == 0 {
-		return ""
+	return "(" + strings.Join(parts, " UNION ALL ") + ")"
+}
+
+// hasForeign reports whether the tree has foreign members.
+func (p *plan) hasForeign() bool {
+	for _, pt := range p.Partitions {
+		if pt.Foreign {
+			return true
+		}
 	}
-	return "t.tableoid NOT IN (" + strings.Join(oids, ", ") + ")"
+	return false
 }
 
 // localPartitions: the tables below the root that hold rows.
@@ -282,11 +306,7 @@ func dropForeignShadows(ctx context.Context, m *migration, db execer, schema, na
 // with the USING expressions, planCopy). A type change that needs USING
 // (no assignment cast) then fails here, before anything is copied.
 func (m *migration) shadowSQLForTree(p *plan) (string, error) {
-	hasForeign := false
-	for _, pt := range p.Partitions {
-		hasForeign = hasForeign || pt.Foreign
-	}
-	if !hasForeign || m.cmd.alter == nil {
+	if !p.hasForeign() || m.cmd.alter == nil {
 		return m.cmd.ShadowSQL(p.Schema, p.Shadow, p.IndexMap)
 	}
 	type saved struct {

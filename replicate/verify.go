@@ -137,7 +137,7 @@ func (m *migration) verifyTargets(ctx context.Context, ver int) ([]verifyTarget,
 				insertCols: tt.InsertCols, selectExprs: tt.SelectExprs})
 		}
 	} else {
-		out = []verifyTarget{{src: m.t.ident(), dst: m.shadowIdent(), dstRead: m.shadowIdent(),
+		out = []verifyTarget{{src: m.srcRel(), dst: m.shadowIdent(), dstRead: m.shadowIdent(),
 			insertCols: p.InsertCols, selectExprs: p.SelectExprs}}
 	}
 	for i := range out {
