@@ -20,8 +20,11 @@ import (
 // the statements under it are pipelined. With no writer, the engine's own
 // "lock held" figure is logged for a plain table and trees of 20 and 100
 // partitions (plain ones, and ones where every partition has objects of its
-// own to carry over), and must stay well under a second (a generous bound:
-// a slow machine must not fail it; the figures are what to look at).
+// own to carry over), and must stay under 3 s: a generous bound that
+// catches reads or statements per partition coming back under the lock
+// (seconds on a loaded machine), not a slow machine; the figures are what
+// to look at (they reached 1.1 s for 100 partitions with objects while
+// other test suites loaded both cores).
 //
 // Not parallel: the figures are measured with the machine to themselves.
 func TestTreeSwitchLockWindow(t *testing.T) {
@@ -81,8 +84,8 @@ func TestTreeSwitchLockWindow(t *testing.T) {
 			if strings.Contains(joined, "under it") {
 				t.Errorf("dependents read under the lock:\n%s", joined)
 			}
-			if held > time.Second {
-				t.Errorf("%s: lock held %s (bound: 1s)", tc.name, held)
+			if held > 3*time.Second {
+				t.Errorf("%s: lock held %s (bound: 3s)", tc.name, held)
 			}
 			// Faithful: only the column's type changed.
 			want := strings.ReplaceAll(before, "column n: type integer", "column n: type bigint")
