@@ -12,7 +12,7 @@ import (
 
 // cutover swaps the shadow in, in one transaction:
 //
-//	read dependents (own transaction, prelock.go); SET LOCAL lock_timeout;
+//	read dependents (before any lock, prelock.go); SET LOCAL lock_timeout;
 //	LOCK original IN ACCESS EXCLUSIVE MODE; apply the last delta; prove the
 //	table and its dependents unchanged (else read them again); drop views, functions, inbound
 //	FKs, materialized views (replacements built before the lock); DROP original; RENAME shadow; rename indexes and sequences;
@@ -45,6 +45,9 @@ func (m *migration) cutover(ctx context.Context) error {
 		if err := m.waitForBlockers(ctx); err != nil {
 			return err
 		}
+		// What the switch must know about the original is read now, right
+		// before the lock, and only proven unchanged under it.
+		pre := m.readBeforeLock(ctx, tx)
 		if pt := m.plan.Parent; pt != nil {
 			// Dropping a partition and attaching another lock the parent
 			// (ONLY: not its other partitions); parent first, as queries do.
@@ -57,9 +60,6 @@ func (m *migration) cutover(ctx context.Context) error {
 				}
 			}
 		}
-		// What the switch must know about the original is read now, right
-		// before the lock, and only proven unchanged under it.
-		pre := m.readBeforeLock(ctx)
 		if err := m.hook(ctx, nil, hookDependentsRead); err != nil {
 			return err
 		}
@@ -80,7 +80,13 @@ func (m *migration) cutover(ctx context.Context) error {
 	}, func(ctx context.Context) error {
 		// Everything captured so far, outside the lock: the next attempt
 		// finds only what arrives meanwhile.
-		_, err := m.applyDelta(ctx, m.pool, 0)
+		n, err := m.applyDelta(ctx, m.pool, 0)
+		if err != nil || n < m.switchBudget() {
+			return err
+		}
+		// A large backlog leaves the delta full of dead rows and its
+		// statistics stale: the next attempt would scan them under its lock.
+		_, err = m.exec(ctx, m.pool, "VACUUM (ANALYZE) "+m.deltaIdent())
 		return err
 	})
 	if err != nil {

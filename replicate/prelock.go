@@ -140,13 +140,18 @@ func (m *migration) readSwitch(ctx context.Context, tx pgx.Tx) (*switchReads, er
 	return &switchReads{d: d, partIdx: partIdx}, nil
 }
 
-// readBeforeLock reads for the switch in a transaction of its own, right
-// before the lock request, fingerprint first. It returns nil when the read
+// readBeforeLock reads for the switch in its transaction, right before the
+// lock requests, fingerprint first. It returns nil when the read
 // fails (an object dropped while it was read, a materialized view changed):
 // the switch then reads under its lock, where a failure is the job's.
-func (m *migration) readBeforeLock(ctx context.Context) *switchReads {
+func (m *migration) readBeforeLock(ctx context.Context, lockTx pgx.Tx) *switchReads {
 	var r *switchReads
-	err := pgx.BeginFunc(ctx, m.admin, func(tx pgx.Tx) error {
+	// In the switch's own transaction, before its LOCK: the same backend
+	// then runs the fingerprint again under the lock with its catalog caches
+	// warm (a cold backend took over 100 ms for it), and a pool of one
+	// connection cannot deadlock. A savepoint keeps a failed read from
+	// aborting the transaction.
+	err := pgx.BeginFunc(ctx, lockTx, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, catalogPath+"; "+noJIT); err != nil {
 			return err
 		}
