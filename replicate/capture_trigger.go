@@ -255,6 +255,14 @@ func Cleanup(ctx context.Context, caller *pgxpool.Pool, tableName string) error 
 
 func cleanup(ctx context.Context, pool *pgxpool.Pool, schema, name string, m *migration) error {
 	tbl := ident(schema, name)
+	// A kept old table (keep.go) is tat.finish's or tat.revert's: its
+	// reverse capture triggers bear the capture's names.
+	if err := refuseCleanupKept(ctx, pool, schema, name); err != nil {
+		return err
+	}
+	if err := cleanupKeep(ctx, m, pool, schema, name); err != nil {
+		return fmt.Errorf("cleanup %s: keep_old: %w", tbl, err)
+	}
 	// Capture triggers on the table and, for a partitioned table, on its partitions.
 	trigs, err := m.q(ctx, pool, `select quote_ident(n.nspname) || '.' || quote_ident(c.relname), quote_ident(t.tgname)
 		from pg_trigger t join pg_class c on c.oid = t.tgrelid join pg_namespace n on n.oid = c.relnamespace
