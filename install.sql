@@ -224,10 +224,10 @@ do $$
 begin
     if not exists (select from pg_constraint
                    where conrelid = 'tat.requests'::regclass and conname = 'requests_action_check'
-                     and pg_get_constraintdef(oid) like '%''set''%') then
+                     and pg_get_constraintdef(oid) like '%''finish''%') then
         alter table tat.requests drop constraint if exists requests_action_check;
         alter table tat.requests add constraint requests_action_check
-            check (action in ('cancel', 'pause', 'resume', 'switch', 'cleanup', 'set'));
+            check (action in ('cancel', 'pause', 'resume', 'switch', 'cleanup', 'set', 'revert', 'finish'));
     end if;
     if not exists (select from pg_constraint
                    where conrelid = 'tat.requests'::regclass and conname = 'requests_state_check') then

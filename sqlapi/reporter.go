@@ -181,9 +181,11 @@ func (r *Reporter) Event(ctx context.Context, phase, message string) {
 const sqlKept = `update tat.migrations
    set state = case when $6::text = '' then 'kept' else state end,
        phase = case when $6::text = '' then 'kept' else phase end,
-       kept_table = case when $6::text = '' then $2 end,
-       revert_backlog = case when $6::text = '' then $3 end,
-       keep_until = case when $6::text = '' then $4 end,
+       kept_table = case when $6::text = '' then (select format('%I.%I', n.nspname, c.relname) from pg_catalog.pg_class c
+                                                   join pg_catalog.pg_namespace n on n.oid = c.relnamespace
+                                                  where c.oid = pg_catalog.to_regclass($2::text)) end,
+       revert_backlog = case when $6::text = '' then $3::bigint end,
+       keep_until = case when $6::text = '' then $4::timestamptz end,
        revert_blocked = nullif($5::text, ''),
        updated_at = now()
  where id = $1 and runner is not null and state in ('running', 'kept')`
