@@ -95,8 +95,8 @@ func keepDigest(t *testing.T, c *pgx.Conn, table string) string {
 
 type keptRow struct {
 	state, kept, blocked string
-	backlog               int64
-	until                 bool
+	backlog              int64
+	until                bool
 }
 
 func keptOf(t *testing.T, c *pgx.Conn, id int64) keptRow {
