@@ -142,13 +142,25 @@ alter table tat.migrations add column if not exists rows_per_second  numeric;
 alter table tat.migrations add column if not exists rate_rows        bigint;
 alter table tat.migrations add column if not exists rate_at          timestamptz;
 alter table tat.migrations add column if not exists phase_started_at timestamptz;
+-- keep_old (see tat.revert): the kept old table, written by the runner
+alter table tat.migrations add column if not exists kept_table       text;
+alter table tat.migrations add column if not exists keep_until       timestamptz;
+alter table tat.migrations add column if not exists revert_backlog   bigint;
+alter table tat.migrations add column if not exists revert_blocked   text;
+alter table tat.migrations add column if not exists revert_requested boolean not null default false;
+alter table tat.migrations add column if not exists finish_requested boolean not null default false;
 
 do $$
 begin
+    -- (re-created by versions before keep_old, which lacked kept and reverted)
+    if exists (select from pg_constraint where conrelid = 'tat.migrations'::regclass and conname = 'migrations_state_check'
+               and pg_get_constraintdef(oid) not like '%reverted%') then
+        alter table tat.migrations drop constraint migrations_state_check;
+    end if;
     if not exists (select from pg_constraint
                    where conrelid = 'tat.migrations'::regclass and conname = 'migrations_state_check') then
         alter table tat.migrations add constraint migrations_state_check
-            check (state in ('queued', 'running', 'paused', 'waiting_switch', 'done', 'failed', 'cancelled'));
+            check (state in ('queued', 'running', 'paused', 'waiting_switch', 'kept', 'done', 'failed', 'cancelled', 'reverted'));
     end if;
     if not exists (select from pg_constraint
                    where conrelid = 'tat.migrations'::regclass and conname = 'migrations_command_check') then
@@ -158,12 +170,22 @@ end
 $$;
 
 -- At most one active migration per table (backs the 55006 check of the trigger
--- against concurrent callers).
+-- against concurrent callers). A job whose old table is kept (state kept)
+-- is active: its reverse capture is on the table.
+do $$
+begin
+    if exists (select from pg_index where indexrelid = to_regclass('tat.migrations_one_active_per_table')
+               and pg_get_expr(indpred, indrelid) not like '%kept%') then
+        drop index tat.migrations_one_active_per_table;
+        drop index if exists tat.migrations_pending;
+    end if;
+end
+$$;
 create unique index if not exists migrations_one_active_per_table
     on tat.migrations (table_oid)
-    where state in ('queued', 'running', 'paused', 'waiting_switch');
+    where state in ('queued', 'running', 'paused', 'waiting_switch', 'kept');
 create index if not exists migrations_pending on tat.migrations (id)
-    where state in ('queued', 'running', 'waiting_switch');
+    where state in ('queued', 'running', 'waiting_switch', 'kept');
 
 comment on table tat.migrations is 'pg_tat jobs: one row per tat.alter call';
 
@@ -202,10 +224,10 @@ do $$
 begin
     if not exists (select from pg_constraint
                    where conrelid = 'tat.requests'::regclass and conname = 'requests_action_check'
-                     and pg_get_constraintdef(oid) like '%''set''%') then
+                     and pg_get_constraintdef(oid) like '%''finish''%') then
         alter table tat.requests drop constraint if exists requests_action_check;
         alter table tat.requests add constraint requests_action_check
-            check (action in ('cancel', 'pause', 'resume', 'switch', 'cleanup', 'set'));
+            check (action in ('cancel', 'pause', 'resume', 'switch', 'cleanup', 'set', 'revert', 'finish'));
     end if;
     if not exists (select from pg_constraint
                    where conrelid = 'tat.requests'::regclass and conname = 'requests_state_check') then
@@ -286,7 +308,7 @@ create or replace function tat._active_job(tbl oid, out id bigint, out state tex
 language sql stable security definer set search_path = pg_catalog, pg_temp
 as $$
     select m.id, m.state from tat.migrations m
-    where m.table_oid = tbl and m.state in ('queued', 'running', 'paused', 'waiting_switch')
+    where m.table_oid = tbl and m.state in ('queued', 'running', 'paused', 'waiting_switch', 'kept')
     order by m.id limit 1
 $$;
 
@@ -540,7 +562,7 @@ declare
         'max_replica_lag', null, 'max_active_sessions', null, 'throttle_query', null,
         'verify', false, 'vacuum_freeze', false, 'copy_data_filter', null,
         'command_before_switch', null, 'command_after_switch', null, 'catchup_timeout', '01:00:00',
-        'partial_mode', false);
+        'partial_mode', false, 'keep_old', null);
     o        jsonb;
     unknown  text;
     v_capture text; v_cdj int; v_cij int; v_batch int; v_lt interval; v_tbl interval;
@@ -548,6 +570,7 @@ declare
     v_mrl interval; v_mas int; v_tq text;
     v_verify boolean; v_freeze boolean; v_filter text; v_before text; v_after text; v_cto interval;
     v_partial boolean;
+    v_keep interval;
 begin
     if opts is null or jsonb_typeof(opts) <> 'object' then
         opts := '{}';
@@ -581,6 +604,7 @@ begin
         v_after := nullif(btrim(o->>'command_after_switch'), '');
         v_cto := (o->>'catchup_timeout')::interval;
         v_partial := (o->>'partial_mode')::boolean;
+        v_keep := (o->>'keep_old')::interval;
     exception when others then
         raise exception using errcode = '22023', message = format('invalid option value: %s', sqlerrm);
     end;
@@ -630,6 +654,9 @@ begin
     end if;
     -- copy_data_filter is checked by tatd with the PostgreSQL parser (one
     -- boolean expression); the switch commands run with the caller's rights.
+    if v_keep is not null and v_keep <= interval '0' then
+        raise exception using errcode = '22023', message = format('keep_old must be positive (or NULL: the old table is dropped at the switch), not %s', v_keep);
+    end if;
     if v_mrl is not null and v_mrl <= interval '0' then
         raise exception using errcode = '22023', message = format('max_replica_lag must be positive (or NULL for no limit), not %s', v_mrl);
     end if;
@@ -655,7 +682,7 @@ begin
         'max_replica_lag', v_mrl::text, 'max_active_sessions', v_mas, 'throttle_query', v_tq,
         'verify', v_verify, 'vacuum_freeze', v_freeze, 'copy_data_filter', v_filter,
         'command_before_switch', v_before, 'command_after_switch', v_after, 'catchup_timeout', v_cto::text,
-        'partial_mode', v_partial);
+        'partial_mode', v_partial, 'keep_old', v_keep::text);
 end
 $$;
 
@@ -755,7 +782,7 @@ begin
     -- trips the unique index migrations_one_active_per_table)
     select m.id, m.state into active
       from tat.migrations m
-     where m.table_oid = cls.oid and m.state in ('queued', 'running', 'paused', 'waiting_switch')
+     where m.table_oid = cls.oid and m.state in ('queued', 'running', 'paused', 'waiting_switch', 'kept')
      order by m.id limit 1;
     if active.id is not null then
         raise exception using errcode = '55006',
@@ -838,7 +865,7 @@ begin
     new.runner := null;
     new.finished_at := null;
     new.error := null;
-    if new.action is null or new.action not in ('cancel', 'pause', 'resume', 'switch', 'cleanup', 'set') then
+    if new.action is null or new.action not in ('cancel', 'pause', 'resume', 'switch', 'cleanup', 'set', 'revert', 'finish') then
         raise exception using errcode = '22023', message = format('unknown action %L', new.action);
     end if;
     if new.action = 'set' then
@@ -921,8 +948,11 @@ begin
     msg := format('%s requested by %s', new.action, new.requested_by);
     case new.action
     when 'cancel' then
-        if m.state in ('done', 'cancelled') then
+        if m.state in ('done', 'cancelled', 'reverted') then
             raise exception using errcode = '55000', message = format('migration %s is already %s', m.id, m.state);
+        elsif m.state = 'kept' then
+            raise exception using errcode = '55000', message = format('migration %s has switched and keeps the old table', m.id),
+                hint = 'End it with tat.finish (drop the old table) or tat.revert (switch back to it).';
         elsif m.state in ('running', 'waiting_switch')
               or (m.state = 'paused' and m.runner is not null and tat._runner_alive(m.id)) then
             -- its runner (or the one that takes it over) stops it and drops the shadow objects
@@ -974,6 +1004,23 @@ begin
             raise exception using errcode = '55000', message = format('migration %s is %s; nothing to switch', m.id, m.state);
         end if;
         update tat.migrations set switch_requested = true, updated_at = now() where id = m.id;
+    when 'revert' then
+        -- keep_old: the runner switches back to the kept old table
+        if m.state <> 'kept' and not (m.state in ('queued', 'running', 'paused', 'waiting_switch') and m.options->>'keep_old' is not null) then
+            raise exception using errcode = '55000', message = format('migration %s is %s and keeps no old table to revert to', m.id, m.state),
+                hint = 'Only a migration started with keep_old can be reverted, until tat.finish or the end of its keep_old window.';
+        end if;
+        if m.revert_blocked is not null then
+            raise exception using errcode = '55000', message = format('migration %s cannot be reverted: %s', m.id, m.revert_blocked),
+                detail = 'A value written to the new table since the switch cannot be converted back to the old table; the new table is unaffected.',
+                hint = 'tat.finish drops the old table.';
+        end if;
+        update tat.migrations set revert_requested = true, updated_at = now() where id = m.id;
+    when 'finish' then
+        if m.state <> 'kept' then
+            raise exception using errcode = '55000', message = format('migration %s is %s and keeps no old table', m.id, m.state);
+        end if;
+        update tat.migrations set finish_requested = true, updated_at = now() where id = m.id;
     when 'set' then
         if m.state not in ('queued', 'running', 'paused', 'waiting_switch') then
             raise exception using errcode = '55000', message = format('migration %s is %s; its options can no longer change', m.id, m.state);
@@ -1055,6 +1102,8 @@ drop function if exists tat.alter(text, text, int, int, int, interval, interval,
                                   interval, int, text, boolean, text, text, text, boolean);
 drop function if exists tat.alter(text, text, int, int, int, interval, interval, bigint, text, text, int, text, boolean,
                                   interval, int, text, boolean, text, text, text, boolean, interval);
+drop function if exists tat.alter(text, text, int, int, int, interval, interval, bigint, text, text, int, text, boolean,
+                                  interval, int, text, boolean, text, text, text, boolean, interval, boolean);
 create or replace function tat.alter(
     command text,
     capture text default 'trigger',
@@ -1078,7 +1127,8 @@ create or replace function tat.alter(
     command_after_switch text default null,
     vacuum_freeze boolean default false,
     catchup_timeout interval default '1 hour',
-    partial_mode boolean default false
+    partial_mode boolean default false,
+    keep_old interval default null
 ) returns bigint
 language plpgsql volatile security invoker  -- caller's search_path resolves the table
 as $$
@@ -1108,7 +1158,8 @@ begin
         'command_after_switch', alter.command_after_switch,
         'vacuum_freeze', alter.vacuum_freeze,
         'catchup_timeout', alter.catchup_timeout::text,
-        'partial_mode', alter.partial_mode))
+        'partial_mode', alter.partial_mode,
+        'keep_old', alter.keep_old::text))
     returning id into v_id;
     return v_id;
 exception when unique_violation then
@@ -1134,6 +1185,26 @@ as $$ insert into tat.requests (action, job) values ('resume', resume.id) $$;
 create or replace function tat.switch(id bigint) returns void
 language sql volatile security invoker set search_path = pg_catalog, pg_temp
 as $$ insert into tat.requests (action, job) values ('switch', switch.id) $$;
+
+-- keep_old (tat.alter(..., keep_old => interval '1 hour')): after the switch
+-- the job is in state kept; the old table is kept as T__tat_old and every
+-- write to the new table is applied to it (by tatd, never in the writer's
+-- transaction) through the inverse of the ALTER. tat.status shows
+-- kept_table, revert_backlog (writes not yet applied to it), kept_until
+-- (when it is dropped) and revert_blocked (a written row that cannot go
+-- back, and why; the revert is then impossible).
+--   tat.revert(id): one short cut-over back to the old table (the same
+--     lock_timeout and retries and dependents as the switch); state reverted.
+--     Refused (55000) when the job keeps no old table or revert_blocked is set.
+--   tat.finish(id): drops the old table and the reverse capture now (the end
+--     of the keep_old window does the same); state done.
+create or replace function tat.revert(id bigint) returns void
+language sql volatile security invoker set search_path = pg_catalog, pg_temp
+as $$ insert into tat.requests (action, job) values ('revert', revert.id) $$;
+
+create or replace function tat.finish(id bigint) returns void
+language sql volatile security invoker set search_path = pg_catalog, pg_temp
+as $$ insert into tat.requests (action, job) values ('finish', finish.id) $$;
 
 -- Changes an option of a queued or running job; the runner applies it within
 -- a second at its next safe point. Options and values:
@@ -1178,7 +1249,8 @@ begin
         if not found then
             raise exception using errcode = 'P0002', message = format('migration %s does not exist', wait.id);
         end if;
-        if m.state = 'done' then
+        if m.state in ('done', 'kept', 'reverted') then
+            -- kept: switched, the old table kept (keep_old)
             return m.state;
         elsif m.state = 'failed' then
             raise exception using errcode = 'P0001',
@@ -1270,7 +1342,11 @@ select m.id,
              then date_trunc('second', now() - m.phase_started_at) end) as phase_elapsed,
        m.pause_requested,
        m.attempts,
-       (case when m.state in ('running', 'paused', 'waiting_switch') then date_trunc('milliseconds', m.capture_lag) end) as capture_lag
+       (case when m.state in ('running', 'paused', 'waiting_switch') then date_trunc('milliseconds', m.capture_lag) end) as capture_lag,
+       m.kept_table,
+       m.revert_backlog,
+       m.keep_until as kept_until,
+       m.revert_blocked
   from tat.migrations m
   cross join lateral (
       select case
@@ -1300,7 +1376,7 @@ select s.id,
        s.lock_attempts as locks,
        left(coalesce(s.error, s.throttle_reason, ''), 48) as note
   from tat.status s
- where s.state in ('queued', 'running', 'paused', 'waiting_switch')
+ where s.state in ('queued', 'running', 'paused', 'waiting_switch', 'kept')
     or s.finished_at > now() - interval '1 hour'
  order by s.id;
 comment on view tat.progress is 'pg_tat: compact live progress (select * from tat.progress \watch 1)';
@@ -1334,10 +1410,10 @@ grant insert (action, job, table_oid) on tat.requests to public;
 grant select (id) on tat.requests to public;              -- for tat.cleanup's RETURNING id
 
 grant execute on function tat.alter(text, text, int, int, int, interval, interval, bigint, text, text, int, text, boolean,
-                                    interval, int, text, boolean, text, text, text, boolean, interval, boolean) to public;
+                                    interval, int, text, boolean, text, text, text, boolean, interval, boolean, interval) to public;
 grant insert (option, value) on tat.requests to public;
 grant execute on function tat.cancel(bigint), tat.pause(bigint), tat.resume(bigint), tat.switch(bigint),
-                          tat.set(bigint, text, text),
+                          tat.set(bigint, text, text), tat.revert(bigint), tat.finish(bigint),
                           tat.cleanup(regclass), tat.wait(bigint, interval) to public;
 -- helpers the invoker-rights code calls
 -- (and the views, the policies, which call functions as the querying role)

@@ -141,6 +141,9 @@ func (l *Listener) runJob(ctx context.Context, job sqlapi.Job, rj *running) {
 
 	cause := context.Cause(ctx)
 	switch {
+	case err == nil && rep.Reverted():
+		final = sqlapi.StateReverted
+		l.record(ctx, log, "reverted", func(ctx context.Context) error { return sqlapi.MarkReverted(ctx, l.pool, job.ID, runner) })
 	case err == nil:
 		final = sqlapi.StateDone
 		l.record(ctx, log, "done", func(ctx context.Context) error { return sqlapi.MarkDone(ctx, l.pool, job.ID, runner) })

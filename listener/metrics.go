@@ -64,7 +64,7 @@ func (m *Metrics) Describe(ch chan<- *prometheus.Desc) {
 }
 
 const sqlMetricsStates = `select s.state, count(m.id)::float8
-  from unnest(array['queued', 'running', 'paused', 'waiting_switch', 'done', 'failed', 'cancelled']) s(state)
+  from unnest(array['queued', 'running', 'paused', 'waiting_switch', 'kept', 'done', 'failed', 'cancelled', 'reverted']) s(state)
   left join tat.migrations m on m.state = s.state group by s.state`
 
 const sqlMetricsJobs = `select id, coalesce(table_name, ''), rows_copied, coalesce(rows_total, 0), coalesce(rows_per_second, 0)::float8,

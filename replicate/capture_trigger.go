@@ -255,6 +255,14 @@ func Cleanup(ctx context.Context, caller *pgxpool.Pool, tableName string) error 
 
 func cleanup(ctx context.Context, pool *pgxpool.Pool, schema, name string, m *migration) error {
 	tbl := ident(schema, name)
+	// A kept old table (keep.go) is tat.finish's or tat.revert's: its
+	// reverse capture triggers bear the capture's names.
+	if err := refuseCleanupKept(ctx, pool, schema, name); err != nil {
+		return err
+	}
+	if err := cleanupKeep(ctx, m, pool, schema, name); err != nil {
+		return fmt.Errorf("cleanup %s: keep_old: %w", tbl, err)
+	}
 	// Capture triggers on the table and, for a partitioned table, on its partitions.
 	trigs, err := m.q(ctx, pool, `select quote_ident(n.nspname) || '.' || quote_ident(c.relname), quote_ident(t.tgname)
 		from pg_trigger t join pg_class c on c.oid = t.tgrelid join pg_namespace n on n.oid = c.relnamespace
@@ -333,7 +341,9 @@ func HasEarlierRun(ctx context.Context, pool *pgxpool.Pool, tableName string) (b
 	// search_path may reach functions a table owner planted.
 	err := pool.QueryRow(ctx, `select exists(select 1 from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace
 		join pg_catalog.pg_class t on t.relnamespace = n.oid and t.oid = pg_catalog.to_regclass($1::text)
-		where c.relname = pg_catalog.left(t.relname::text, 63 - pg_catalog.length('__tat_state')) || '__tat_state')`, tableName).Scan(&left)
+		where c.relname in (pg_catalog.left(t.relname::text, 63 - pg_catalog.length('__tat_state')) || '__tat_state',
+		                    -- a kept old table (keep.go): its window goes on
+		                    pg_catalog.left(t.relname::text, 63 - pg_catalog.length('__tat_rstate')) || '__tat_rstate'))`, tableName).Scan(&left)
 	if err != nil {
 		return false, fmt.Errorf("look for an earlier run on %s: %w", tableName, err)
 	}

@@ -277,6 +277,9 @@ func (m *migration) applyDeltaOnce(ctx context.Context, db txStarter, limit int6
 }
 
 func (m *migration) applyDeltaTx(ctx context.Context, tx pgx.Tx, limit int64) (int64, error) {
+	if m.rev != nil {
+		return m.applyReverseTx(ctx, tx, limit) // a revert (keep.go)
+	}
 	p := m.plan
 	delta := m.deltaIdent()
 	var upto *int64

@@ -263,10 +263,17 @@ func (m *migration) swap(ctx context.Context, tx pgx.Tx, pre *switchReads) (*dep
 			drop += ", " + ident(pt.Schema, pt.Name)
 		}
 	}
-	stmts = append(stmts,
-		"DROP TABLE "+drop,
-		"ALTER TABLE "+m.shadowIdent()+" RENAME TO "+qi(p.Table),
-	)
+	if m.keep != nil {
+		// keep_old: the original is renamed, not dropped (keep.go).
+		ks, err := m.keepOldStatements(ctx, tx)
+		if err != nil {
+			return nil, err
+		}
+		stmts = append(stmts, ks...)
+	} else {
+		stmts = append(stmts, "DROP TABLE "+drop)
+	}
+	stmts = append(stmts, "ALTER TABLE "+m.shadowIdent()+" RENAME TO "+qi(p.Table))
 	for _, pt := range p.Partitions {
 		kind := "TABLE "
 		if pt.Foreign {
@@ -315,6 +322,11 @@ func (m *migration) swap(ctx context.Context, tx pgx.Tx, pre *switchReads) (*dep
 		"DROP FUNCTION IF EXISTS " + m.execName() + "(text, text, text)",
 	}); err != nil {
 		return nil, err
+	}
+	if m.keep != nil {
+		if err := m.keepStart(ctx, tx); err != nil {
+			return nil, err
+		}
 	}
 	return d, nil
 }

@@ -74,6 +74,11 @@ type Options struct {
 	// switch (phase verify), recopying ranges that differ.
 	Verify bool
 
+	// KeepOld > 0 keeps the original after the switch, as T__tat_old, in
+	// sync with the new table for that long, so that a revert can switch
+	// back to it (keep.go). 0: the original is dropped at the switch.
+	KeepOld time.Duration
+
 	// TestHook, when set, is called at named points of a run (tests use it to
 	// corrupt a shadow row or to crash at a precise moment).
 	TestHook func(ctx context.Context, point string, tx pgx.Tx) error

@@ -45,6 +45,8 @@ type migration struct {
 	snapshot    string         // exported snapshot every copy batch must use ("" for trigger capture)
 	closure     *uniqueClosure // set once the shadow's indexes exist; nil: no unique index to close over
 	matViews    []*matView     // materialized views over the tree, their replacements built (matview.go)
+	keep        *keepPlan      // Options.KeepOld: the old table is kept after the switch (keep.go)
+	rev         *keepPlan      // set on a reverse migration (a revert, keep.go): its delta apply is the inverse
 
 	mu           sync.Mutex
 	phase        string
@@ -122,6 +124,15 @@ func (m *migration) run(ctx context.Context) error {
 		return err
 	}
 	defer closeOwner()
+	// A kept old table (keep.go): continue its window, whatever else.
+	if k, err := m.keptPlan(ctx); err != nil {
+		return err
+	} else if k != nil {
+		return m.keepLoop(ctx, k)
+	}
+	if err := m.refuseKeep(); err != nil {
+		return err
+	}
 	if err := m.parseFilter(); err != nil {
 		return err
 	}
@@ -180,6 +191,11 @@ func (m *migration) phases(ctx context.Context, resumed bool) error {
 			return fmt.Errorf("copy: %w", err)
 		}
 	}
+	if m.opts.KeepOld > 0 {
+		if err := m.planKeep(ctx); err != nil {
+			return fmt.Errorf("prepare: %w", err)
+		}
+	}
 	stopProgress := m.progressLoop(ctx)
 	defer stopProgress()
 
@@ -225,6 +241,14 @@ func (m *migration) phases(ctx context.Context, resumed bool) error {
 		return err
 	}
 	m.setPhase(ctx, PhaseSwitch)
+	if m.keep != nil {
+		if err := m.keepIndexes(ctx); err != nil {
+			return fmt.Errorf("switch: %w", err)
+		}
+		if err := m.prepareKeep(ctx); err != nil {
+			return fmt.Errorf("switch: %w", err)
+		}
+	}
 	if err := m.cutover(ctx); err != nil {
 		return fmt.Errorf("switch: %w", err)
 	}
@@ -234,6 +258,9 @@ func (m *migration) phases(ctx context.Context, resumed bool) error {
 		return fmt.Errorf("validate: %w", err)
 	}
 	m.report(ctx)
+	if m.keep != nil {
+		return m.keepLoop(ctx, m.keep)
+	}
 	return nil
 }
 

@@ -38,8 +38,9 @@ type Control struct {
 }
 
 var (
-	_ replicate.Control = (*Control)(nil)
-	_ replicate.Steerer = (*Control)(nil)
+	_ replicate.Control     = (*Control)(nil)
+	_ replicate.Steerer     = (*Control)(nil)
+	_ replicate.KeepControl = (*Control)(nil)
 )
 
 // NewControl controls job id. base is the options the run started with (a
@@ -63,6 +64,15 @@ func (c *Control) Drain() {
 	c.mu.Lock()
 	c.draining = true
 	c.mu.Unlock()
+}
+
+// KeepRequest reports whether tat.revert(id) or tat.finish(id) was called
+// (keep_old, replicate.KeepControl).
+func (c *Control) KeepRequest(ctx context.Context) (revert, finish bool, err error) {
+	if err := c.db.QueryRow(ctx, `select revert_requested, finish_requested from tat.migrations where id = $1`, c.id).Scan(&revert, &finish); err != nil {
+		return false, false, fmt.Errorf("read the keep_old requests of migration %d: %w", c.id, err)
+	}
+	return revert, finish, nil
 }
 
 // SwitchRequested reports whether tat.switch(id) was called.

@@ -27,6 +27,11 @@ const (
 	StateDone          = "done"
 	StateFailed        = "failed"
 	StateCancelled     = "cancelled"
+	// StateKept: switched, the old table kept in sync (keep_old) until
+	// tat.finish / tat.revert or the end of the window; the runner keeps
+	// the job. StateReverted: tat.revert switched back to the old table.
+	StateKept     = "kept"
+	StateReverted = "reverted"
 )
 
 // AdvisoryLockClass is the first key of the two-int advisory lock a runner
@@ -57,6 +62,7 @@ type Job struct {
 	LockTimeout      time.Duration
 	TimeBetweenLocks time.Duration
 	CatchupTimeout   time.Duration
+	KeepOld          time.Duration // keep_old; 0 when absent
 }
 
 const jobColumns = `id, command, coalesce(table_name, ''), coalesce(table_oid, 0), options,
@@ -64,13 +70,15 @@ const jobColumns = `id, command, coalesce(table_name, ''), coalesce(table_oid, 0
 	pause_requested, attempts, coalesce(runner, ''),
 	coalesce((extract(epoch from (options->>'lock_timeout')::interval) * 1000000)::bigint, -1),
 	coalesce((extract(epoch from (options->>'time_between_locks')::interval) * 1000000)::bigint, -1),
-	coalesce((extract(epoch from (options->>'catchup_timeout')::interval) * 1000000)::bigint, -1)`
+	coalesce((extract(epoch from (options->>'catchup_timeout')::interval) * 1000000)::bigint, -1),
+	coalesce((extract(epoch from (options->>'keep_old')::interval) * 1000000)::bigint, 0)`
 
 func scanJob(row pgx.Row) (Job, error) {
 	var j Job
-	var lt, tbl, cto int64
+	var lt, tbl, cto, keep int64
 	err := row.Scan(&j.ID, &j.Command, &j.TableName, &j.TableOID, &j.Options, &j.RequestedBy, &j.State,
-		&j.Phase, &j.SwitchRequested, &j.CancelRequested, &j.PauseRequested, &j.Attempts, &j.Runner, &lt, &tbl, &cto)
+		&j.Phase, &j.SwitchRequested, &j.CancelRequested, &j.PauseRequested, &j.Attempts, &j.Runner, &lt, &tbl, &cto, &keep)
+	j.KeepOld = time.Duration(keep) * time.Microsecond
 	j.CatchupTimeout = time.Duration(cto) * time.Microsecond
 	j.LockTimeout = time.Duration(lt) * time.Microsecond
 	j.TimeBetweenLocks = time.Duration(tbl) * time.Microsecond
@@ -107,7 +115,7 @@ const sqlClaim = `with c as (
      set state = case when state = 'queued' then 'running' else state end,
          runner = $2, started_at = coalesce(started_at, now()), updated_at = now(),
          attempts = attempts + 1
-   where id = $1 and state in ('queued', 'running', 'waiting_switch')
+   where id = $1 and state in ('queued', 'running', 'waiting_switch', 'kept')
   returning *),
 e as (
   insert into tat.events (job, phase, message)
@@ -131,7 +139,7 @@ func Claim(ctx context.Context, db DB, id int64, runner string) (job Job, ok boo
 }
 
 const sqlPending = `select id from tat.migrations
- where state in ('queued', 'running', 'waiting_switch') order by id limit $1`
+ where state in ('queued', 'running', 'waiting_switch', 'kept') order by id limit $1`
 
 // Pending lists jobs a runner may claim: queued ones, and running ones whose
 // runner may have died (claiming checks the advisory lock).
@@ -180,7 +188,8 @@ func ControlFlags(ctx context.Context, db DB, ids []int64) (map[int64]Flags, err
 // pending is parked as paused instead; a parked job (queued or paused) has no
 // runner.
 const sqlFinish = `with t as (
-  select case when $3::text = 'queued' and pause_requested then 'paused' else $3::text end as state
+  select case when $3::text = 'queued' and state = 'kept' then 'kept'  -- a kept job stays kept for the next runner
+              when $3::text = 'queued' and pause_requested then 'paused' else $3::text end as state
     from tat.migrations where id = $1),
 m as (
   update tat.migrations
@@ -188,8 +197,8 @@ m as (
          phase = coalesce(nullif($4::text, ''), phase),
          error = nullif($5::text, ''),
          error_phase = case when $5 = '' then null else nullif($4, '') end,
-         finished_at = case when t.state in ('done', 'failed', 'cancelled') then now() end,
-         runner = case when t.state in ('queued', 'paused') then null else runner end,
+         finished_at = case when t.state in ('done', 'failed', 'cancelled', 'reverted') then now() end,
+         runner = case when t.state in ('queued', 'paused', 'kept') then null else runner end,
          cancel_requested = case when t.state = 'cancelled' then true else cancel_requested end,
          pause_requested = case when t.state = 'paused' then false else pause_requested end,
          throttle_reason = null,
@@ -197,10 +206,10 @@ m as (
          rate_at = null,
          -- the switch replaced the table by its shadow (a new OID): follow
          -- it, so that the table's owner keeps seeing the job (tat._may_control)
-         table_oid = case when t.state = 'done' then coalesce(to_regclass(table_name)::oid, table_oid) else table_oid end,
+         table_oid = case when t.state in ('done', 'reverted') then coalesce(to_regclass(table_name)::oid, table_oid) else table_oid end,
          updated_at = now()
     from t
-   where id = $1 and runner = $2 and tat.migrations.state in ('running', 'waiting_switch', 'paused')
+   where id = $1 and runner = $2 and tat.migrations.state in ('running', 'waiting_switch', 'paused', 'kept')
   returning id, phase, t.state)
 insert into tat.events (job, phase, message)
 select id, phase, case when state = 'paused' and $3 = 'queued' then 'paused (the runner stopped while a pause was requested)' else $6::text end from m`
@@ -223,6 +232,11 @@ var ErrNotHeld = errors.New("job is not running on this runner")
 // MarkDone ends a job successfully.
 func MarkDone(ctx context.Context, db DB, id int64, runner string) error {
 	return finish(ctx, db, id, runner, StateDone, "", "", "done")
+}
+
+// MarkReverted ends a job whose kept old table tat.revert switched back to.
+func MarkReverted(ctx context.Context, db DB, id int64, runner string) error {
+	return finish(ctx, db, id, runner, StateReverted, "", "", "reverted")
 }
 
 // MarkFailed ends a job with an error that happened in phase.

@@ -109,6 +109,7 @@ func Options(j Job) (replicate.Options, error) {
 		return o, fmt.Errorf("options of migration %d: switch must be auto or manual, not %q", j.ID, jo.Switch)
 	}
 	o.SkipFKValidation = jo.SkipFKValidation
+	o.KeepOld = j.KeepOld
 	o.Verify, o.VacuumFreeze, o.PartialMode = jo.Verify, jo.VacuumFreeze, jo.PartialMode
 	for dst, src := range map[*string]*string{&o.CopyDataFilter: jo.CopyDataFilter,
 		&o.CommandBeforeSwitch: jo.CommandBeforeSwitch, &o.CommandAfterSwitch: jo.CommandAfterSwitch} {

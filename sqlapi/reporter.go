@@ -29,7 +29,8 @@ type Reporter struct {
 	last      replicate.Progress
 	held      bool
 	lag       lagTracker
-	logical   bool // the engine reported WAL not yet consumed: logical capture
+	logical   bool   // the engine reported WAL not yet consumed: logical capture
+	outcome   string // of a kept window (keep_old): "", reverted, finished
 }
 
 var _ replicate.Reporter = (*Reporter)(nil)
@@ -173,4 +174,38 @@ func (r *Reporter) Event(ctx context.Context, phase, message string) {
 	if err := AddEvent(ctx, r.db, r.id, phase, message); err != nil {
 		r.log.WithError(err).Warn("cannot record event")
 	}
+}
+
+// sqlKept writes the kept window (keep_old): state kept while it lasts,
+// the kept table, its backlog, its end and why a revert is impossible.
+const sqlKept = `update tat.migrations
+   set state = case when $6::text = '' then 'kept' else state end,
+       phase = case when $6::text = '' then 'kept' else phase end,
+       kept_table = case when $6::text = '' then (select format('%I.%I', n.nspname, c.relname) from pg_catalog.pg_class c
+                                                   join pg_catalog.pg_namespace n on n.oid = c.relnamespace
+                                                  where c.oid = pg_catalog.to_regclass($2::text)) end,
+       revert_backlog = case when $6::text = '' then $3::bigint end,
+       keep_until = case when $6::text = '' then $4::timestamptz end,
+       revert_blocked = nullif($5::text, ''),
+       updated_at = now()
+ where id = $1 and runner is not null and state in ('running', 'kept')`
+
+var _ replicate.KeepReporter = (*Reporter)(nil)
+
+// Kept records the kept window; its outcome (reverted) decides the job's
+// final state (Reverted).
+func (r *Reporter) Kept(ctx context.Context, s replicate.KeepStatus) {
+	r.mu.Lock()
+	r.outcome = s.Outcome
+	r.mu.Unlock()
+	if _, err := r.db.Exec(ctx, sqlKept, r.id, s.Old, s.Backlog, s.Until, s.Blocked, s.Outcome); err != nil {
+		r.log.WithError(err).Warn("cannot record the kept window")
+	}
+}
+
+// Reverted reports whether the run ended with a revert to the kept old table.
+func (r *Reporter) Reverted() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.outcome == replicate.OutcomeReverted
 }

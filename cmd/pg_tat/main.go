@@ -26,7 +26,7 @@ const usage = `usage: pg_tat [--help] [-c COMMAND] [-h HOST] [-d DBNAME] [-U USE
               [--no-switch-table] [--continue-switch-table] [--lock-timeout LOCK_TIMEOUT] [--time-between-locks TIME_BETWEEN_LOCKS] [--min-delta-rows MIN_DELTA_ROWS] [--skip-fk-validation]
               [--show-queries] [--batch-size BATCH_SIZE] [--capture {trigger,logical}] [--verify] [--install]
               [--dry-run] [--copy-data-filter SQL] [--command-before-switch SQL] [--command-after-switch SQL]
-              [--echo-queries] [--vacuum-freeze] [--catchup-timeout DURATION] [--copy-progress-interval SEC] [--version]
+              [--echo-queries] [--vacuum-freeze] [--catchup-timeout DURATION] [--keep-old-table DURATION] [--copy-progress-interval SEC] [--version]
               [--partial-mode]
 
 PostgreSQL tool for alter table without locks.
@@ -75,6 +75,10 @@ options:
  --vacuum-freeze       VACUUM (FREEZE, ANALYZE) the new table after the load
  --catchup-timeout DURATION
                        give up (original intact) when writes outpace the catch-up this long (default 1h)
+ --keep-old-table DURATION
+                       keep the old table (T__tat_old) in sync with the new one this long after
+                       the switch, then drop it (pg_tat keeps running meanwhile; interrupted, the
+                       same command run again continues the window; tat.revert needs tatd)
  --copy-progress-interval SEC
                        print a progress line this often when not on a terminal (default 5)
  --version             print the version and exit
@@ -108,7 +112,7 @@ type cli struct {
 	filter                                              string
 	before, after                                       multi
 	dryRun, echo, freeze, version                       bool
-	catchupTimeout, progressEvery                       string
+	catchupTimeout, progressEvery, keepOld              string
 	command                                             string // the -c commands combined
 }
 
@@ -157,6 +161,7 @@ func parse(args []string, stderr io.Writer) (*cli, error) {
 	fs.BoolVar(&c.echo, "echo-queries", false, "")
 	fs.BoolVar(&c.freeze, "vacuum-freeze", false, "")
 	str(&c.catchupTimeout, d.CatchupTimeout.String(), "catchup-timeout")
+	str(&c.keepOld, "", "keep-old-table")
 	str(&c.capture, d.Capture, "capture")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
@@ -206,6 +211,11 @@ func (c *cli) options() (replicate.Options, error) {
 	}
 	if o.CatchupTimeout, err = parseDuration(c.catchupTimeout); err != nil {
 		return o, fmt.Errorf("--catchup-timeout: %w", err)
+	}
+	if c.keepOld != "" {
+		if o.KeepOld, err = parseDuration(c.keepOld); err != nil {
+			return o, fmt.Errorf("--keep-old-table: %w", err)
+		}
 	}
 	return o, o.Validate()
 }
