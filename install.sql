@@ -555,7 +555,7 @@ language plpgsql stable set search_path = pg_catalog, pg_temp
 as $$
 declare
     defaults jsonb := jsonb_build_object(
-        'capture', 'trigger', 'copy_data_jobs', 1, 'create_index_jobs', 2, 'batch_size', 10000,
+        'capture', 'trigger', 'copy_data_jobs', 2, 'create_index_jobs', 2, 'batch_size', 10000,
         'lock_timeout', '00:00:00.2', 'time_between_locks', '00:00:02', 'min_delta_rows', 1000,
         'work_mem', null, 'maintenance_work_mem', null, 'max_parallel_maintenance_workers', null,
         'switch', 'auto', 'skip_fk_validation', false,
@@ -1107,7 +1107,7 @@ drop function if exists tat.alter(text, text, int, int, int, interval, interval,
 create or replace function tat.alter(
     command text,
     capture text default 'trigger',
-    copy_data_jobs int default 1,
+    copy_data_jobs int default 2,
     create_index_jobs int default 2,
     batch_size int default 10000,
     lock_timeout interval default '200ms',

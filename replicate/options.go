@@ -91,7 +91,7 @@ type Options struct {
 func DefaultOptions() Options {
 	return Options{
 		Capture:                       CaptureTrigger,
-		CopyDataJobs:                  1,
+		CopyDataJobs:                  2,
 		CreateIndexJobs:               2,
 		BatchSize:                     10000,
 		LockTimeout:                   200 * time.Millisecond,

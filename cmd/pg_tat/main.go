@@ -44,7 +44,7 @@ options:
  --work-mem WORK_MEM
  --maintenance-work-mem MAINTENANCE_WORK_MEM
  --max-parallel-maintenance-workers MAX_PARALLEL_MAINTENANCE_WORKERS
- --copy-data-jobs COPY_DATA_JOBS          (default 1)
+ --copy-data-jobs COPY_DATA_JOBS          (default 2)
  --create-index-jobs CREATE_INDEX_JOBS    (default 2)
  --cleanup             drop the leftovers of a failed run on the table of -c
  --continue-create-indexes
