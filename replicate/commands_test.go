@@ -108,7 +108,7 @@ func TestSetTablespace(t *testing.T) {
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	chownPostgres(t, dir)
+	testpg.ChownToPostgres(t, dir)
 	name := fmt.Sprintf("ts%d", time.Now().UnixNano())
 	e.exec(fmt.Sprintf("create tablespace %s location '%s'", name, dir))
 	t.Cleanup(func() { e.pool.Exec(t.Context(), "drop table if exists orders; drop tablespace if exists "+name) })

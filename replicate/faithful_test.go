@@ -683,7 +683,7 @@ func faithTokens(t *testing.T, e *env, sql string) string {
 		if err := os.Mkdir(dir, 0o700); err != nil {
 			t.Skipf("cannot create a tablespace directory: %v", err)
 		}
-		chownPostgres(t, dir)
+		testpg.ChownToPostgres(t, dir)
 		e.exec(fmt.Sprintf("create tablespace %s location '%s'", name, dir))
 		spaces = append(spaces, name)
 		sql = strings.ReplaceAll(sql, tok, name)

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/url"
 	"os"
-	"os/user"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -225,7 +224,7 @@ func TestOriginalRegression(t *testing.T) {
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	chownToPostgres(t, dir)
+	testpg.ChownToPostgres(t, dir)
 	testpg.Exec(t, db, fmt.Sprintf("create role %s; create role %s", u1, u2))
 	testpg.Exec(t, db, fmt.Sprintf("create tablespace %s location '%s'", ts, dir))
 	t.Cleanup(func() {
@@ -349,21 +348,6 @@ func execErr(db, sql string) error {
 	defer c.Close(ctx)
 	_, err = c.Exec(ctx, sql)
 	return err
-}
-
-func chownToPostgres(t *testing.T, dir string) {
-	if os.Geteuid() != 0 {
-		return
-	}
-	u, err := user.Lookup("postgres")
-	if err != nil {
-		t.Fatal(err)
-	}
-	uid, _ := strconv.Atoi(u.Uid)
-	gid, _ := strconv.Atoi(u.Gid)
-	if err := os.Chown(dir, uid, gid); err != nil {
-		t.Fatal(err)
-	}
 }
 
 // diffLines lists the lines only in want (-) and only in got (+).

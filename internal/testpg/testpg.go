@@ -379,3 +379,21 @@ func Exec(t testing.TB, url string, sql string, args ...any) {
 		t.Fatalf("testpg: %s: %v", sql, err)
 	}
 }
+
+// ChownToPostgres gives dir to the postgres OS user when the tests run as
+// root (the server runs as that user: a tablespace directory must be its).
+func ChownToPostgres(t testing.TB, dir string) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		return
+	}
+	u, err := user.Lookup("postgres")
+	if err != nil {
+		t.Fatal(err)
+	}
+	uid, _ := strconv.Atoi(u.Uid)
+	gid, _ := strconv.Atoi(u.Gid)
+	if err := os.Chown(dir, uid, gid); err != nil {
+		t.Fatal(err)
+	}
+}
