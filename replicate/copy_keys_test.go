@@ -182,6 +182,7 @@ func TestCopySplitsUUIDKey(t *testing.T) { t.Parallel(); runSplit(t, uuidKey, 20
 // Under logical capture every range's batches read the slot's snapshot.
 func TestCopySplitsUUIDKeyLogical(t *testing.T) {
 	t.Parallel()
+	needsLogical(t)
 	runSplit(t, uuidKey, 50000, 2, replicate.CaptureLogical)
 }
 
