@@ -91,6 +91,7 @@ import (
 
 const (
 	logicalMsgPrefix   = "pg_tat"
+	logicalFlushPrefix = "pg_tat_flush"         // flushWAL's message, ignored
 	logicalFlushRows   = 5000                   // flush the key buffer at this size
 	logicalWake        = 100 * time.Millisecond // flush and status at least this often
 	logicalStatusEvery = 2 * time.Second        // standby status when nothing changed
@@ -103,6 +104,16 @@ const (
 func logicalSlotName(db, oid uint32) string { return fmt.Sprintf("tat_%d_%d", db, oid) }
 
 func logicalPubName(table string) string { return shadowName(table, "__tat_pub") }
+
+// capturePub is the run's own publication under logical capture ("" under
+// trigger capture): the switch neither carries it over nor counts it as a
+// dependent of the original.
+func (m *migration) capturePub() string {
+	if lc, ok := m.capture.(*logicalCapture); ok {
+		return lc.pub
+	}
+	return ""
+}
 
 // logicalCapture is capture => 'logical'.
 type logicalCapture struct {
@@ -125,6 +136,7 @@ type logicalCapture struct {
 	err     error // why the stream ended
 
 	pendingMarkers atomic.Int64  // markers emitted, not yet decoded: force a WAL flush
+	flushNow       atomic.Bool   // a marker was just emitted: flush WAL without waiting
 	markerSeq      atomic.Int64  // for unique marker tokens
 	acked          atomic.Uint64 // confirmed flush LSN
 	walEnd         atomic.Uint64 // server WAL end seen in the stream
@@ -358,7 +370,14 @@ func (c *logicalCapture) copied(ctx context.Context) error {
 	// The consumer's own connection (never one of the pool's: during the
 	// cut-over, writers queued behind the lock may hold them all), set up
 	// like the pool's sessions (SET ROLE to the table's owner).
-	data, err := pgx.ConnectConfig(ctx, m.pool.Config().ConnConfig.Copy())
+	dataCfg := m.pool.Config().ConnConfig.Copy()
+	if dataCfg.RuntimeParams == nil {
+		dataCfg.RuntimeParams = map[string]string{}
+	}
+	// flushWAL's commit must flush locally (not asynchronously, not
+	// waiting for a synchronous standby); the delta it writes is unlogged.
+	dataCfg.RuntimeParams["synchronous_commit"] = "local"
+	data, err := pgx.ConnectConfig(ctx, dataCfg)
 	if err != nil {
 		return fmt.Errorf("logical capture: connection for the delta: %w", err)
 	}
@@ -694,7 +713,11 @@ func (c *logicalCapture) consume(ctx context.Context) error {
 			return err
 		}
 		reply := false
-		for {
+		// flushNow is checked after the deadline is set: marker() sets it
+		// before it moves the deadline to now, so a request made while the
+		// consumer was busy elsewhere is seen here rather than overwritten
+		// by the deadline above (which would delay the flush by a wake-up).
+		for !c.flushNow.Load() {
 			msg, err := c.repl.ReceiveMessage(context.Background())
 			if err != nil {
 				if pgconn.Timeout(err) {
@@ -758,7 +781,7 @@ func (c *logicalCapture) consume(ctx context.Context) error {
 		if err := flush(); err != nil {
 			return err
 		}
-		if c.pendingMarkers.Load() > 0 {
+		if c.flushNow.Swap(false) || c.pendingMarkers.Load() > 0 {
 			if err := c.flushWAL(ctx); err != nil {
 				return err
 			}
@@ -772,17 +795,23 @@ func (c *logicalCapture) consume(ctx context.Context) error {
 	}
 }
 
-// flushWAL makes the server flush its WAL, so that a non-transactional
-// marker is decoded right away: a tiny transaction with an xid commits
-// synchronously (locally). PostgreSQL 17 flushes the marker itself.
+// flushWAL makes the server flush its WAL up to now, so that a
+// non-transactional marker written before is decoded right away (the
+// walsender only reads flushed WAL, and a non-transactional message is not
+// flushed by itself before PostgreSQL 17). The flush is the commit of a
+// transaction that wrote WAL and has an xid: a transactional logical message
+// (prefix pg_tat_flush: the decoder ignores it). A transaction that only
+// takes an xid (pg_current_xact_id()) is not enough: it wrote nothing before
+// its commit record, so PostgreSQL commits it asynchronously and the WAL
+// writer flushes it up to wal_writer_delay (200 ms) later. The connection
+// runs with synchronous_commit = local (see copied): flushed locally,
+// never waiting for a synchronous standby. One round trip, autocommit; the
+// commit also wakes the walsender.
 func (c *logicalCapture) flushWAL(ctx context.Context) error {
-	return pgx.BeginFunc(ctx, c.data, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, "SET LOCAL synchronous_commit = local"); err != nil {
-			return err
-		}
-		_, err := tx.Exec(ctx, "SELECT pg_current_xact_id()")
-		return err
-	})
+	if _, err := c.data.Exec(ctx, "SELECT pg_logical_emit_message(true, $1, '')", logicalFlushPrefix); err != nil {
+		return fmt.Errorf("flush WAL for the cut-over marker: %w", err)
+	}
+	return nil
 }
 
 func (c *logicalCapture) markerSeen(token string) {
@@ -820,9 +849,11 @@ func (m *migration) streamErr() error {
 // transaction, after the lock: every transaction that changed the original
 // has committed before the marker, so its keys are in the delta on return
 // (committed by the consumer's connection; the cut-over transaction is READ
-// COMMITTED, so its next statement sees them). Then the original leaves the
-// publication (rolled back with the cut-over if it fails), so the swap does
-// not carry the membership over to the new table.
+// COMMITTED, so its next statement sees them). The original stays in the
+// publication: the switch's DROP TABLE takes it out, and the read of the
+// dependents skips the membership (capturePub), so the new table is not
+// published. Changing the publication here would change the dependents'
+// fingerprint and make the switch read them all again under the lock.
 func (c *logicalCapture) sync(ctx context.Context, tx pgx.Tx) error {
 	m := c.m
 	started := time.Now()
@@ -830,10 +861,23 @@ func (c *logicalCapture) sync(ctx context.Context, tx pgx.Tx) error {
 		return err
 	}
 	m.event(ctx, PhaseSwitch, fmt.Sprintf("stream consumed up to the cut-over marker in %s", time.Since(started).Round(time.Millisecond)))
-	if _, err := m.exec(ctx, tx, "ALTER PUBLICATION "+qi(c.pub)+" DROP TABLE "+m.t.ident()); err != nil {
-		return fmt.Errorf("leave publication: %w", err)
-	}
 	return nil
+}
+
+// presync waits, before the switch's lock, for the stream to reach a marker
+// written now: what the stream still has to decode under the lock (sync) is
+// then only what was written between this and the lock, not whatever the
+// walsender had not decoded yet (the index build's and the catch-up's WAL
+// it must read through, the changes of writers since the catch-up).
+func (c *logicalCapture) presync(ctx context.Context, tx pgx.Tx) (bool, error) {
+	started := time.Now()
+	if err := c.marker(ctx, tx); err != nil {
+		return false, fmt.Errorf("logical capture: stream up to the lock: %w", err)
+	}
+	if d := time.Since(started); d > 100*time.Millisecond {
+		c.m.event(ctx, PhaseSwitch, fmt.Sprintf("stream consumed up to right before the lock in %s", d.Round(time.Millisecond)))
+	}
+	return true, nil
 }
 
 // stop ends the consumer, closes both connections (the temporary slot goes
@@ -1004,6 +1048,7 @@ func (c *logicalCapture) marker(ctx context.Context, db execer) error {
 		c.pendingMarkers.Add(1)
 		// Wake the consumer now (its read deadline expires at once) so it
 		// forces the WAL flush without waiting for its next wake-up.
+		c.flushNow.Store(true)
 		_ = c.repl.Conn().SetReadDeadline(time.Now())
 	}
 	timer := time.NewTimer(logicalSyncTimeout)
