@@ -23,16 +23,24 @@ import (
 //
 //	start   publication "T__tat_pub" FOR TABLE T; a replication connection;
 //	        CREATE_REPLICATION_SLOT tat_<db oid>_<table oid> TEMPORARY LOGICAL
-//	        pgoutput EXPORT_SNAPSHOT. Every copy batch imports that snapshot
-//	        (copy.go), so the copy sees exactly what precedes the slot's
-//	        consistent point and the stream exactly what follows it.
-//	copied  START_REPLICATION from the consistent point (pgoutput proto 1,
-//	        messages on); one goroutine decodes the stream and inserts the
-//	        keys of changed rows into T__tat_delta, like the trigger does.
+//	        pgoutput EXPORT_SNAPSHOT. A connection of its own imports that
+//	        snapshot in a transaction held open until the copy is done and
+//	        exports it again; every copy batch imports that (copy.go), so the
+//	        copy sees exactly what precedes the slot's consistent point and
+//	        the stream exactly what follows it. Then START_REPLICATION from
+//	        the consistent point (pgoutput proto 1, messages on): one
+//	        goroutine decodes the stream and inserts the keys of changed
+//	        rows into T__tat_delta, like the trigger does, while the copy
+//	        runs (the walsender reads the copy's WAL as it is written).
+//	copied  end the transaction holding the snapshot.
+//	presync (switch, right before the lock request) the same wait as sync,
+//	        outside the lock, then the delta is applied.
 //	sync    (cut-over, lock held) pg_logical_emit_message(false, 'pg_tat',
 //	        <token>) and wait until the goroutine has decoded up to it and
 //	        committed the delta rows before it: every change committed
-//	        before the lock is then in the delta.
+//	        before the lock is then in the delta. Before PostgreSQL 17 the
+//	        consumer flushes WAL right away (flushWAL), as the walsender
+//	        only reads flushed WAL.
 //	stop    stop the goroutine, close the connections, drop the publication,
 //	        make sure the slot is gone.
 //
@@ -123,6 +131,7 @@ type logicalCapture struct {
 	version  int
 	repl     *pgconn.PgConn // replication connection (walsender)
 	data     *pgx.Conn      // the goroutine's own connection for delta inserts
+	holder   *pgx.Conn      // holds the copy's snapshot until copied()
 	startLSN pglogrepl.LSN
 	insert   string // INSERT INTO delta ... FROM unnest(...)
 
@@ -346,15 +355,74 @@ func (c *logicalCapture) start(ctx context.Context) (string, error) {
 	c.acked.Store(uint64(lsn))
 	m.event(ctx, PhaseCapture, fmt.Sprintf("replication slot %s created at %s in %s; the copy reads its snapshot",
 		c.slot, lsn, time.Since(started).Round(time.Millisecond)))
-	return res.SnapshotName, nil
+	snap, err := c.holdSnapshot(ctx, res.SnapshotName)
+	if err != nil {
+		return "", err
+	}
+	if err := c.startStream(ctx); err != nil {
+		return "", err
+	}
+	return snap, nil
 }
 
-// copied starts the stream: the exported snapshot is no longer needed.
+// holdSnapshot imports the slot's exported snapshot into a transaction of
+// its own connection, kept open until the copy is done, and exports it
+// again from there. The slot's export is valid only while its replication
+// connection runs no other command; held elsewhere, it lets the stream
+// start now, before the copy: the walsender then decodes the copy's WAL
+// (which it must read through, though nothing of it is published) while
+// the copy runs, instead of after it while the catch-up waits.
+func (c *logicalCapture) holdSnapshot(ctx context.Context, exported string) (string, error) {
+	cfg := c.m.admin.Config().ConnConfig.Copy()
+	if cfg.RuntimeParams == nil {
+		cfg.RuntimeParams = map[string]string{}
+	}
+	// Idle in its transaction for the whole copy, by design.
+	cfg.RuntimeParams["idle_in_transaction_session_timeout"] = "0"
+	cfg.RuntimeParams["application_name"] = "pg_tat " + c.slot + " snapshot"
+	holder, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return "", fmt.Errorf("logical capture: connection holding the copy's snapshot: %w", err)
+	}
+	c.holder = holder
+	var snap string
+	if _, err := holder.Exec(ctx, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"); err != nil {
+		return "", fmt.Errorf("logical capture: hold the copy's snapshot: %w", err)
+	}
+	if _, err := holder.Exec(ctx, "SET TRANSACTION SNAPSHOT "+quoteLiteral(exported)); err != nil {
+		return "", fmt.Errorf("logical capture: import the slot's snapshot: %w", err)
+	}
+	if err := holder.QueryRow(ctx, "SELECT pg_export_snapshot()").Scan(&snap); err != nil {
+		return "", fmt.Errorf("logical capture: export the copy's snapshot: %w", err)
+	}
+	return snap, nil
+}
+
+// copied ends the transaction holding the copy's snapshot.
 func (c *logicalCapture) copied(ctx context.Context) error {
-	m := c.m
 	if c.repl == nil {
 		return errors.New("logical capture was not started")
 	}
+	c.releaseSnapshot(ctx)
+	return nil
+}
+
+// releaseSnapshot closes the connection holding the copy's snapshot (its
+// transaction ends with it), if still open.
+func (c *logicalCapture) releaseSnapshot(ctx context.Context) {
+	if c.holder == nil {
+		return
+	}
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	_ = c.holder.Close(cctx)
+	c.holder = nil
+}
+
+// startStream starts the consumer: START_REPLICATION from the slot's
+// consistent point, decoded into the delta by a goroutine.
+func (c *logicalCapture) startStream(ctx context.Context) error {
+	m := c.m
 	p := m.plan
 	cols, sel, params := []string{"op", "rel"}, []string{`u.op::"char"`, "u.rel::oid"}, []string{"$1::text[]", "$2::text[]"}
 	names := []string{"op", "rel"}
@@ -891,6 +959,7 @@ func (c *logicalCapture) stop(ctx context.Context) error {
 		c.cancel()
 		<-c.done
 	}
+	c.releaseSnapshot(ctx)
 	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	if c.data != nil {
