@@ -24,6 +24,12 @@ type capture interface {
 	// sync runs inside the cut-over transaction, after the lock is held:
 	// on return every change committed before the lock is in the delta.
 	sync(ctx context.Context, tx pgx.Tx) error
+	// presync runs in the cut-over transaction right before its lock
+	// request: it brings the delta up to now, so that sync (under the
+	// lock) has only what arrives in between left to wait for. It says
+	// whether the delta may have grown (then worth applying before the
+	// lock).
+	presync(ctx context.Context, tx pgx.Tx) (bool, error)
 	// stop releases what capture holds (slot, publication, goroutines).
 	// It is called at the end of every run, successful or not.
 	stop(ctx context.Context) error

@@ -23,16 +23,24 @@ import (
 //
 //	start   publication "T__tat_pub" FOR TABLE T; a replication connection;
 //	        CREATE_REPLICATION_SLOT tat_<db oid>_<table oid> TEMPORARY LOGICAL
-//	        pgoutput EXPORT_SNAPSHOT. Every copy batch imports that snapshot
-//	        (copy.go), so the copy sees exactly what precedes the slot's
-//	        consistent point and the stream exactly what follows it.
-//	copied  START_REPLICATION from the consistent point (pgoutput proto 1,
-//	        messages on); one goroutine decodes the stream and inserts the
-//	        keys of changed rows into T__tat_delta, like the trigger does.
+//	        pgoutput EXPORT_SNAPSHOT. A connection of its own imports that
+//	        snapshot in a transaction held open until the copy is done and
+//	        exports it again; every copy batch imports that (copy.go), so the
+//	        copy sees exactly what precedes the slot's consistent point and
+//	        the stream exactly what follows it. Then START_REPLICATION from
+//	        the consistent point (pgoutput proto 1, messages on): one
+//	        goroutine decodes the stream and inserts the keys of changed
+//	        rows into T__tat_delta, like the trigger does, while the copy
+//	        runs (the walsender reads the copy's WAL as it is written).
+//	copied  end the transaction holding the snapshot.
+//	presync (switch, right before the lock request) the same wait as sync,
+//	        outside the lock, then the delta is applied.
 //	sync    (cut-over, lock held) pg_logical_emit_message(false, 'pg_tat',
 //	        <token>) and wait until the goroutine has decoded up to it and
 //	        committed the delta rows before it: every change committed
-//	        before the lock is then in the delta.
+//	        before the lock is then in the delta. Before PostgreSQL 17 the
+//	        consumer flushes WAL right away (flushWAL), as the walsender
+//	        only reads flushed WAL.
 //	stop    stop the goroutine, close the connections, drop the publication,
 //	        make sure the slot is gone.
 //
@@ -91,6 +99,7 @@ import (
 
 const (
 	logicalMsgPrefix   = "pg_tat"
+	logicalFlushPrefix = "pg_tat_flush"         // flushWAL's message, ignored
 	logicalFlushRows   = 5000                   // flush the key buffer at this size
 	logicalWake        = 100 * time.Millisecond // flush and status at least this often
 	logicalStatusEvery = 2 * time.Second        // standby status when nothing changed
@@ -104,6 +113,16 @@ func logicalSlotName(db, oid uint32) string { return fmt.Sprintf("tat_%d_%d", db
 
 func logicalPubName(table string) string { return shadowName(table, "__tat_pub") }
 
+// capturePub is the run's own publication under logical capture ("" under
+// trigger capture): the switch neither carries it over nor counts it as a
+// dependent of the original.
+func (m *migration) capturePub() string {
+	if lc, ok := m.capture.(*logicalCapture); ok {
+		return lc.pub
+	}
+	return ""
+}
+
 // logicalCapture is capture => 'logical'.
 type logicalCapture struct {
 	m        *migration
@@ -112,6 +131,7 @@ type logicalCapture struct {
 	version  int
 	repl     *pgconn.PgConn // replication connection (walsender)
 	data     *pgx.Conn      // the goroutine's own connection for delta inserts
+	holder   *pgx.Conn      // holds the copy's snapshot until copied()
 	startLSN pglogrepl.LSN
 	insert   string // INSERT INTO delta ... FROM unnest(...)
 
@@ -125,6 +145,7 @@ type logicalCapture struct {
 	err     error // why the stream ended
 
 	pendingMarkers atomic.Int64  // markers emitted, not yet decoded: force a WAL flush
+	flushNow       atomic.Bool   // a marker was just emitted: flush WAL without waiting
 	markerSeq      atomic.Int64  // for unique marker tokens
 	acked          atomic.Uint64 // confirmed flush LSN
 	walEnd         atomic.Uint64 // server WAL end seen in the stream
@@ -334,15 +355,74 @@ func (c *logicalCapture) start(ctx context.Context) (string, error) {
 	c.acked.Store(uint64(lsn))
 	m.event(ctx, PhaseCapture, fmt.Sprintf("replication slot %s created at %s in %s; the copy reads its snapshot",
 		c.slot, lsn, time.Since(started).Round(time.Millisecond)))
-	return res.SnapshotName, nil
+	snap, err := c.holdSnapshot(ctx, res.SnapshotName)
+	if err != nil {
+		return "", err
+	}
+	if err := c.startStream(ctx); err != nil {
+		return "", err
+	}
+	return snap, nil
 }
 
-// copied starts the stream: the exported snapshot is no longer needed.
+// holdSnapshot imports the slot's exported snapshot into a transaction of
+// its own connection, kept open until the copy is done, and exports it
+// again from there. The slot's export is valid only while its replication
+// connection runs no other command; held elsewhere, it lets the stream
+// start now, before the copy: the walsender then decodes the copy's WAL
+// (which it must read through, though nothing of it is published) while
+// the copy runs, instead of after it while the catch-up waits.
+func (c *logicalCapture) holdSnapshot(ctx context.Context, exported string) (string, error) {
+	cfg := c.m.admin.Config().ConnConfig.Copy()
+	if cfg.RuntimeParams == nil {
+		cfg.RuntimeParams = map[string]string{}
+	}
+	// Idle in its transaction for the whole copy, by design.
+	cfg.RuntimeParams["idle_in_transaction_session_timeout"] = "0"
+	cfg.RuntimeParams["application_name"] = "pg_tat " + c.slot + " snapshot"
+	holder, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return "", fmt.Errorf("logical capture: connection holding the copy's snapshot: %w", err)
+	}
+	c.holder = holder
+	var snap string
+	if _, err := holder.Exec(ctx, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"); err != nil {
+		return "", fmt.Errorf("logical capture: hold the copy's snapshot: %w", err)
+	}
+	if _, err := holder.Exec(ctx, "SET TRANSACTION SNAPSHOT "+quoteLiteral(exported)); err != nil {
+		return "", fmt.Errorf("logical capture: import the slot's snapshot: %w", err)
+	}
+	if err := holder.QueryRow(ctx, "SELECT pg_export_snapshot()").Scan(&snap); err != nil {
+		return "", fmt.Errorf("logical capture: export the copy's snapshot: %w", err)
+	}
+	return snap, nil
+}
+
+// copied ends the transaction holding the copy's snapshot.
 func (c *logicalCapture) copied(ctx context.Context) error {
-	m := c.m
 	if c.repl == nil {
 		return errors.New("logical capture was not started")
 	}
+	c.releaseSnapshot(ctx)
+	return nil
+}
+
+// releaseSnapshot closes the connection holding the copy's snapshot (its
+// transaction ends with it), if still open.
+func (c *logicalCapture) releaseSnapshot(ctx context.Context) {
+	if c.holder == nil {
+		return
+	}
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	_ = c.holder.Close(cctx)
+	c.holder = nil
+}
+
+// startStream starts the consumer: START_REPLICATION from the slot's
+// consistent point, decoded into the delta by a goroutine.
+func (c *logicalCapture) startStream(ctx context.Context) error {
+	m := c.m
 	p := m.plan
 	cols, sel, params := []string{"op", "rel"}, []string{`u.op::"char"`, "u.rel::oid"}, []string{"$1::text[]", "$2::text[]"}
 	names := []string{"op", "rel"}
@@ -358,7 +438,14 @@ func (c *logicalCapture) copied(ctx context.Context) error {
 	// The consumer's own connection (never one of the pool's: during the
 	// cut-over, writers queued behind the lock may hold them all), set up
 	// like the pool's sessions (SET ROLE to the table's owner).
-	data, err := pgx.ConnectConfig(ctx, m.pool.Config().ConnConfig.Copy())
+	dataCfg := m.pool.Config().ConnConfig.Copy()
+	if dataCfg.RuntimeParams == nil {
+		dataCfg.RuntimeParams = map[string]string{}
+	}
+	// flushWAL's commit must flush locally (not asynchronously, not
+	// waiting for a synchronous standby); the delta it writes is unlogged.
+	dataCfg.RuntimeParams["synchronous_commit"] = "local"
+	data, err := pgx.ConnectConfig(ctx, dataCfg)
 	if err != nil {
 		return fmt.Errorf("logical capture: connection for the delta: %w", err)
 	}
@@ -694,7 +781,11 @@ func (c *logicalCapture) consume(ctx context.Context) error {
 			return err
 		}
 		reply := false
-		for {
+		// flushNow is checked after the deadline is set: marker() sets it
+		// before it moves the deadline to now, so a request made while the
+		// consumer was busy elsewhere is seen here rather than overwritten
+		// by the deadline above (which would delay the flush by a wake-up).
+		for !c.flushNow.Load() {
 			msg, err := c.repl.ReceiveMessage(context.Background())
 			if err != nil {
 				if pgconn.Timeout(err) {
@@ -758,7 +849,7 @@ func (c *logicalCapture) consume(ctx context.Context) error {
 		if err := flush(); err != nil {
 			return err
 		}
-		if c.pendingMarkers.Load() > 0 {
+		if c.flushNow.Swap(false) || c.pendingMarkers.Load() > 0 {
 			if err := c.flushWAL(ctx); err != nil {
 				return err
 			}
@@ -772,17 +863,23 @@ func (c *logicalCapture) consume(ctx context.Context) error {
 	}
 }
 
-// flushWAL makes the server flush its WAL, so that a non-transactional
-// marker is decoded right away: a tiny transaction with an xid commits
-// synchronously (locally). PostgreSQL 17 flushes the marker itself.
+// flushWAL makes the server flush its WAL up to now, so that a
+// non-transactional marker written before is decoded right away (the
+// walsender only reads flushed WAL, and a non-transactional message is not
+// flushed by itself before PostgreSQL 17). The flush is the commit of a
+// transaction that wrote WAL and has an xid: a transactional logical message
+// (prefix pg_tat_flush: the decoder ignores it). A transaction that only
+// takes an xid (pg_current_xact_id()) is not enough: it wrote nothing before
+// its commit record, so PostgreSQL commits it asynchronously and the WAL
+// writer flushes it up to wal_writer_delay (200 ms) later. The connection
+// runs with synchronous_commit = local (see copied): flushed locally,
+// never waiting for a synchronous standby. One round trip, autocommit; the
+// commit also wakes the walsender.
 func (c *logicalCapture) flushWAL(ctx context.Context) error {
-	return pgx.BeginFunc(ctx, c.data, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, "SET LOCAL synchronous_commit = local"); err != nil {
-			return err
-		}
-		_, err := tx.Exec(ctx, "SELECT pg_current_xact_id()")
-		return err
-	})
+	if _, err := c.data.Exec(ctx, "SELECT pg_logical_emit_message(true, $1, '')", logicalFlushPrefix); err != nil {
+		return fmt.Errorf("flush WAL for the cut-over marker: %w", err)
+	}
+	return nil
 }
 
 func (c *logicalCapture) markerSeen(token string) {
@@ -820,9 +917,11 @@ func (m *migration) streamErr() error {
 // transaction, after the lock: every transaction that changed the original
 // has committed before the marker, so its keys are in the delta on return
 // (committed by the consumer's connection; the cut-over transaction is READ
-// COMMITTED, so its next statement sees them). Then the original leaves the
-// publication (rolled back with the cut-over if it fails), so the swap does
-// not carry the membership over to the new table.
+// COMMITTED, so its next statement sees them). The original stays in the
+// publication: the switch's DROP TABLE takes it out, and the read of the
+// dependents skips the membership (capturePub), so the new table is not
+// published. Changing the publication here would change the dependents'
+// fingerprint and make the switch read them all again under the lock.
 func (c *logicalCapture) sync(ctx context.Context, tx pgx.Tx) error {
 	m := c.m
 	started := time.Now()
@@ -830,10 +929,23 @@ func (c *logicalCapture) sync(ctx context.Context, tx pgx.Tx) error {
 		return err
 	}
 	m.event(ctx, PhaseSwitch, fmt.Sprintf("stream consumed up to the cut-over marker in %s", time.Since(started).Round(time.Millisecond)))
-	if _, err := m.exec(ctx, tx, "ALTER PUBLICATION "+qi(c.pub)+" DROP TABLE "+m.t.ident()); err != nil {
-		return fmt.Errorf("leave publication: %w", err)
-	}
 	return nil
+}
+
+// presync waits, before the switch's lock, for the stream to reach a marker
+// written now: what the stream still has to decode under the lock (sync) is
+// then only what was written between this and the lock, not whatever the
+// walsender had not decoded yet (the index build's and the catch-up's WAL
+// it must read through, the changes of writers since the catch-up).
+func (c *logicalCapture) presync(ctx context.Context, tx pgx.Tx) (bool, error) {
+	started := time.Now()
+	if err := c.marker(ctx, tx); err != nil {
+		return false, fmt.Errorf("logical capture: stream up to the lock: %w", err)
+	}
+	if d := time.Since(started); d > 100*time.Millisecond {
+		c.m.event(ctx, PhaseSwitch, fmt.Sprintf("stream consumed up to right before the lock in %s", d.Round(time.Millisecond)))
+	}
+	return true, nil
 }
 
 // stop ends the consumer, closes both connections (the temporary slot goes
@@ -847,6 +959,7 @@ func (c *logicalCapture) stop(ctx context.Context) error {
 		c.cancel()
 		<-c.done
 	}
+	c.releaseSnapshot(ctx)
 	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	if c.data != nil {
@@ -1004,6 +1117,7 @@ func (c *logicalCapture) marker(ctx context.Context, db execer) error {
 		c.pendingMarkers.Add(1)
 		// Wake the consumer now (its read deadline expires at once) so it
 		// forces the WAL flush without waiting for its next wake-up.
+		c.flushNow.Store(true)
 		_ = c.repl.Conn().SetReadDeadline(time.Now())
 	}
 	timer := time.NewTimer(logicalSyncTimeout)

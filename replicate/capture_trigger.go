@@ -38,6 +38,9 @@ func (c triggerCapture) sync(context.Context, pgx.Tx) error { return nil }
 func (c triggerCapture) stop(context.Context) error         { return nil } // the trigger goes with the table or cleanup
 func (c triggerCapture) lagBytes() int64                    { return 0 }
 
+// presync: the triggers' keys are in the delta as their transactions commit.
+func (c triggerCapture) presync(context.Context, pgx.Tx) (bool, error) { return false, nil }
+
 // createDelta creates T__tat_delta: (seq, op, k1..kn). Both capture methods
 // feed it; the applier reads it.
 func (m *migration) createDelta(ctx context.Context) error {

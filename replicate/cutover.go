@@ -63,6 +63,16 @@ func (m *migration) cutover(ctx context.Context) error {
 		if err := m.hook(ctx, nil, hookDependentsRead); err != nil {
 			return err
 		}
+		// Logical capture: the stream is drained up to now and the delta
+		// applied, so that under the lock only what arrives in these
+		// milliseconds is left to decode and apply.
+		if grew, err := m.capture.presync(ctx, tx); err != nil {
+			return err
+		} else if grew {
+			if _, err := m.applyDelta(ctx, m.pool, int64(m.batchSize())*10); err != nil {
+				return err
+			}
+		}
 		if _, err := m.exec(ctx, tx, "LOCK TABLE "+m.t.ident()+" IN ACCESS EXCLUSIVE MODE"); err != nil {
 			return err
 		}

@@ -113,7 +113,8 @@ func (m *migration) readDependents(ctx context.Context, tx pgx.Tx) (*dependents,
 // are created by it), default privileges, row-level security and replica
 // identity, no foreign key, trigger (but clones enabled as their parents,
 // plainly; the capture's own clones, ENABLE ALWAYS, do not count: relTriggers
-// skips them too), rule, policy, publication, statistics or comment of their own.
+// skips them too), rule, policy, publication (but the run's own, $5),
+// statistics or comment of their own.
 // Partitions usually are: this keeps the cut-over's reads (under its lock)
 // from growing by a dozen queries per partition.
 const qPlainMembers = `select c.oid::text from pg_class c, pg_class root
@@ -127,7 +128,8 @@ const qPlainMembers = `select c.oid::text from pg_class c, pg_class root
 	                       or t.tgparentid <> 0 and t.tgconstraint = 0 and (t.tgenabled <> 'O' or pt.tgenabled <> 'O')))
 	  and not exists (select 1 from pg_rewrite r where r.ev_class = c.oid and r.rulename <> '_RETURN')
 	  and not exists (select 1 from pg_policy pl where pl.polrelid = c.oid)
-	  and not exists (select 1 from pg_publication_rel pr where pr.prrelid = c.oid)
+	  and not exists (select 1 from pg_publication_rel pr join pg_publication p on p.oid = pr.prpubid
+	                  where pr.prrelid = c.oid and p.pubname <> $5)
 	  and not exists (select 1 from pg_statistic_ext x where x.stxrelid = c.oid)
 	  and not exists (select 1 from pg_description d where d.classoid = 'pg_class'::regclass and (d.objoid = c.oid
 	                  or d.objoid in (select i.indexrelid from pg_index i where i.indrelid = c.oid)))
@@ -142,7 +144,7 @@ func (m *migration) plainMembers(ctx context.Context, tx pgx.Tx, oids []uint32) 
 	if len(oids) == 0 {
 		return plain, nil
 	}
-	rows, err := m.q(ctx, tx, qPlainMembers, oids, m.plan.TableID, triggerName, truncTriggerName)
+	rows, err := m.q(ctx, tx, qPlainMembers, oids, m.plan.TableID, triggerName, truncTriggerName, m.capturePub())
 	if err != nil {
 		return nil, fmt.Errorf("tables of the tree with nothing of their own: %w", err)
 	}
@@ -305,6 +307,14 @@ func (m *migration) relDependents(ctx context.Context, tx pgx.Tx, d *dependents,
 		return nil, err
 	}
 	for _, pb := range pubs {
+		if pb[0] == m.capturePub() {
+			// Logical capture's own publication: it must not follow the
+			// table to the shadow, and DROP TABLE takes the original out of
+			// it, so nothing is carried over and nothing changes it under
+			// the lock (which would change the dependents' fingerprint and
+			// make the switch read them all again under the lock).
+			continue
+		}
 		s := "ALTER PUBLICATION " + qi(pb[0]) + " ADD TABLE " + tbl
 		if pb[2] != "" {
 			s += " (" + pb[2] + ")"

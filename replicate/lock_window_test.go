@@ -150,3 +150,57 @@ func TestTreeDependentsChangedBeforeLock(t *testing.T) {
 	}
 	e.assertNoLeftovers("m")
 }
+
+// Under logical capture the switch waits, under its lock, for the stream to
+// reach a marker written after the lock: with no writer that wait must not
+// add more than a round trip or two to what trigger capture holds. The
+// engine's own "lock held" figure and the marker wait are logged; the bound
+// is generous (a slow, shared machine must not fail it), the figures are
+// what to look at. Not parallel: measured with the machine to themselves.
+func TestLogicalSwitchLockWindow(t *testing.T) {
+	needsLogical(t)
+	e := newEnv(t)
+	e.exec(`create table m (id int primary key, n int, v text);
+		create index m_n on m (n);
+		insert into m select g, g, repeat('x', 80) from generate_series(1, 200000) g;
+		analyze m`)
+	var mu sync.Mutex
+	var events []string
+	rep := reporterFunc(func(_, msg string) { mu.Lock(); events = append(events, msg); mu.Unlock() })
+	if err := runWith(e, logicalOpts("alter table m alter column n type bigint"), rep); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	joined := strings.Join(events, "\n")
+	mu.Unlock()
+	found := regexp.MustCompile(`lock held (\S+)`).FindStringSubmatch(joined)
+	if found == nil {
+		t.Fatalf("no switch:\n%s", joined)
+	}
+	held, err := time.ParseDuration(found[1])
+	if err != nil {
+		t.Fatalf("lock held %q: %v", found[1], err)
+	}
+	wait := regexp.MustCompile(`cut-over marker in (\S+)`).FindStringSubmatch(joined)
+	if wait == nil {
+		t.Fatalf("no marker wait reported:\n%s", joined)
+	}
+	t.Logf("logical capture, no writer: lock held %s, of which marker wait %s", held, wait[1])
+	for _, ev := range events {
+		if strings.Contains(ev, "marker") || strings.Contains(ev, "lock held") || strings.Contains(ev, "before the lock") || strings.Contains(ev, "under it") {
+			t.Log(ev)
+		}
+	}
+	if held > time.Second {
+		t.Errorf("lock held %s (bound: 1s)", held)
+	}
+	// The run's own publication is no dependent: nothing under the lock
+	// changes what was read before it.
+	if strings.Contains(joined, "under it") {
+		t.Errorf("dependents read again under the lock:\n%s", joined)
+	}
+	if got := e.str("select count(*) from m"); got != "200000" {
+		t.Fatalf("%s rows, want 200000", got)
+	}
+	e.assertNoLeftovers("m")
+}
