@@ -48,18 +48,6 @@ func (m *migration) cutover(ctx context.Context) error {
 		// What the switch must know about the original is read now, right
 		// before the lock, and only proven unchanged under it.
 		pre := m.readBeforeLock(ctx, tx)
-		if pt := m.plan.Parent; pt != nil {
-			// Dropping a partition and attaching another lock the parent
-			// (ONLY: not its other partitions); parent first, as queries do.
-			if _, err := m.exec(ctx, tx, "LOCK TABLE ONLY "+pt.ident()+" IN ACCESS EXCLUSIVE MODE"); err != nil {
-				return err
-			}
-			if pt.DefaultName != "" {
-				if _, err := m.exec(ctx, tx, "LOCK TABLE "+ident(pt.DefaultSchema, pt.DefaultName)+" IN ACCESS EXCLUSIVE MODE"); err != nil {
-					return err
-				}
-			}
-		}
 		if err := m.hook(ctx, nil, hookDependentsRead); err != nil {
 			return err
 		}
@@ -71,6 +59,18 @@ func (m *migration) cutover(ctx context.Context) error {
 		} else if grew {
 			if _, err := m.applyDelta(ctx, m.pool, int64(m.batchSize())*10); err != nil {
 				return err
+			}
+		}
+		if pt := m.plan.Parent; pt != nil {
+			// Dropping a partition and attaching another lock the parent
+			// (ONLY: not its other partitions); parent first, as queries do.
+			if _, err := m.exec(ctx, tx, "LOCK TABLE ONLY "+pt.ident()+" IN ACCESS EXCLUSIVE MODE"); err != nil {
+				return err
+			}
+			if pt.DefaultName != "" {
+				if _, err := m.exec(ctx, tx, "LOCK TABLE "+ident(pt.DefaultSchema, pt.DefaultName)+" IN ACCESS EXCLUSIVE MODE"); err != nil {
+					return err
+				}
 			}
 		}
 		if _, err := m.exec(ctx, tx, "LOCK TABLE "+m.t.ident()+" IN ACCESS EXCLUSIVE MODE"); err != nil {
