@@ -906,29 +906,39 @@ func loadPlan(ctx context.Context, q querier, schema, stateTable string) (*plan,
 // in-place ALTER would give, "orders_c_not_null". Before 18 there are no
 // contype 'n' rows and nothing to do.
 func (m *migration) renameNotNulls(ctx context.Context, tx pgx.Tx, p *plan) error {
-	shadow := ident(p.Schema, p.Shadow)
-	rows, err := m.q(ctx, tx, `select c.conname, a.attname from pg_constraint c
-		join pg_attribute a on a.attrelid = c.conrelid and a.attnum = c.conkey[1]
-		where c.conrelid = $1::regclass and c.contype = 'n' order by c.conname`, shadow)
-	if err != nil {
-		return err
+	// The root's shadow, then each partition's (a partition's own primary
+	// key adds one there too); inherited ones keep their parent's name.
+	tables := [][2]string{{p.Schema, p.Shadow}}
+	names := []string{p.Table}
+	for _, pt := range p.Partitions {
+		tables = append(tables, [2]string{pt.Schema, partShadow(pt)})
+		names = append(names, pt.Name)
 	}
-	taken := map[string]bool{}
-	for _, r := range rows {
-		taken[r[0]] = true
-	}
-	for _, r := range rows {
-		if r[0] != objectName(p.Shadow, r[1], "not_null") {
-			continue
+	for i, t := range tables {
+		shadow := ident(t[0], t[1])
+		rows, err := m.q(ctx, tx, `select c.conname, a.attname, c.coninhcount::text from pg_constraint c
+			join pg_attribute a on a.attrelid = c.conrelid and a.attnum = c.conkey[1]
+			where c.conrelid = $1::regclass and c.contype = 'n' order by c.conname`, shadow)
+		if err != nil {
+			return err
 		}
-		name := objectName(p.Table, r[1], "not_null")
-		if taken[name] {
-			continue
+		taken := map[string]bool{}
+		for _, r := range rows {
+			taken[r[0]] = true
 		}
-		if _, err := m.exec(ctx, tx, "ALTER TABLE "+shadow+" RENAME CONSTRAINT "+qi(r[0])+" TO "+qi(name)); err != nil {
-			return fmt.Errorf("rename constraint %s on the shadow: %w", r[0], err)
+		for _, r := range rows {
+			if r[0] != objectName(t[1], r[1], "not_null") || r[2] != "0" {
+				continue
+			}
+			name := objectName(names[i], r[1], "not_null")
+			if taken[name] {
+				continue
+			}
+			if _, err := m.exec(ctx, tx, "ALTER TABLE "+shadow+" RENAME CONSTRAINT "+qi(r[0])+" TO "+qi(name)); err != nil {
+				return fmt.Errorf("rename constraint %s on the shadow: %w", r[0], err)
+			}
+			taken[name] = true
 		}
-		taken[name] = true
 	}
 	return nil
 }

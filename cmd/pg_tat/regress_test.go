@@ -244,6 +244,11 @@ func TestOriginalRegression(t *testing.T) {
 	// schemas then read alike.
 	testpg.Exec(t, ref, subst.Replace(regressSchema))
 
+	// PostgreSQL 18 refuses, in place too, a type change of a column that a
+	// foreign inheritance child declares NOT NULL itself ("cannot create
+	// not-null constraint ... already exists for this column"): pg_tat
+	// refuses it the same way, before anything is created.
+	pg18 := testpg.ServerVersionNum(t, db) >= 180000
 	for _, st := range regressSteps {
 		if st.load != "" {
 			testpg.Exec(t, db, st.load)
@@ -251,6 +256,16 @@ func TestOriginalRegression(t *testing.T) {
 		args := make([]string, len(st.args))
 		for i, a := range st.args {
 			args[i] = subst.Replace(a)
+		}
+		if pg18 && st.table == "regress.inheritance_partitioning" {
+			var out, errb bytes.Buffer
+			if code := run(append(connFlags(t, db), args...), &out, &errb); code != 2 || !strings.Contains(errb.String(), "cannot create not-null constraint") {
+				t.Fatalf("%s on PostgreSQL 18: exit %d, want 2 with PostgreSQL's refusal:\n%s", st.name, code, errb.String())
+			}
+			if err := execErr(ref, subst.Replace(st.inPlace[0])); err == nil || !strings.Contains(err.Error(), "cannot create not-null constraint") {
+				t.Fatalf("%s in place on PostgreSQL 18: %v, want the same refusal", st.name, err)
+			}
+			continue
 		}
 		var reader pgx.Tx
 		if st.table != "" {
@@ -305,6 +320,9 @@ func TestOriginalRegression(t *testing.T) {
 		{"regress.multi_level_partitioning", "duration", "3100/33930"},
 		{"regress.inheritance_partitioning", "val", "3100/33930"},
 	} {
+		if pg18 && c.table == "regress.inheritance_partitioning" {
+			continue // not migrated, see above
+		}
 		if got := query(t, db, fmt.Sprintf("select count(1) || '/' || sum(%s) from %s", c.sum, c.table)); got != c.want {
 			t.Errorf("%s: count/sum %s, want %s", c.table, got, c.want)
 		}
@@ -314,7 +332,7 @@ func TestOriginalRegression(t *testing.T) {
 		from regress.multi_level_partitioning where tableoid = 'regress.multi_level_partitioning_2023_12'::regclass`); got != "100/100" {
 		t.Errorf("foreign partition rows (through the tree / remote): %s", got)
 	}
-	if got := query(t, db, `select count(*)::text from regress.inheritance_partitioning where tableoid = 'regress.inheritance_partitioning_2023_12'::regclass`); got != "100" {
+	if got := query(t, db, `select count(*)::text from regress.inheritance_partitioning where tableoid = 'regress.inheritance_partitioning_2023_12'::regclass`); got != "100" && !pg18 {
 		t.Errorf("foreign child rows through the tree: %s", got)
 	}
 	left := query(t, db, `select count(*)::text from pg_class where relname like '%\_\_tat\_%'`)
