@@ -316,17 +316,6 @@ func execOn(ctx context.Context, db, sql string) error {
 	return err
 }
 
-func timeOn(ctx context.Context, n int64, f func(context.Context, string) error) (float64, error) {
-	db, err := freshDB(ctx, n)
-	if err != nil {
-		return 0, err
-	}
-	defer dropDB(db)
-	t0 := time.Now()
-	err = f(ctx, db)
-	return time.Since(t0).Seconds(), err
-}
-
 func lsn(ctx context.Context, c *pgx.Conn) int64 {
 	var v int64
 	_ = c.QueryRow(ctx, "select pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint").Scan(&v)
@@ -463,6 +452,13 @@ func runRewrite(b *testing.B, r *result, ws *writerStats) {
 			l := latencies(samples, sp.a, sp.b)
 			ws.Phases = append(ws.Phases, phaseStat{Phase: sp.name, Seconds: sp.b.Sub(sp.a).Seconds(),
 				TPS: tps(samples, sp.a, sp.b), P99MS: pct(l, 0.99), MaxMS: pct(l, 1), GapMS: ms(maxGap(samples, sp.a, sp.b))})
+		}
+		if bs := r.Bulk; bs != nil {
+			for _, e := range r.Events {
+				if strings.Contains(e.Msg, "switch postponed") {
+					bs.Postponed++
+				}
+			}
 		}
 		if bs := r.Bulk; bs != nil && !bs.committed.IsZero() {
 			// The bulk transaction's own row locks stall the writer
@@ -668,6 +664,9 @@ type bulkStats struct {
 	Updated    int64   `json:"updated"`
 	Deleted    int64   `json:"deleted"`
 	Seconds    float64 `json:"seconds"` // the bulk transaction, BEGIN to COMMIT
+	// Postponed: lock attempts the switch let go because the delta was
+	// over its budget (the engine's "switch postponed" events).
+	Postponed int `json:"switch_postponed"`
 	// The writer after the bulk commit: worst latency of a transaction
 	// due then, longest gap between completions, their max.
 	MaxAfterMS   float64 `json:"max_ms_after_commit"`
