@@ -53,7 +53,13 @@ demo: deps build
 
 # bench measures the online rewrite against a plain blocking ALTER TABLE on
 # identical tables in the same run and writes bench/results/REPORT.md.
+# bench also wants pg_repack for its side-by-side rows: installed when
+# missing and apt-get can (as root); otherwise the suite skips those rows.
 bench: deps
+	@if [ -n "$(PG_BIN)" ] && [ ! -x "$(PG_BIN)/pg_repack" ] && ! command -v pg_repack >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		pkg=postgresql-$$(basename $$(dirname $(PG_BIN)))-repack; echo "installing $$pkg (pg_repack comparison)"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkg >/dev/null || echo "warning: $$pkg not installed: pg_repack rows will be skipped"; \
+	fi
 	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 60m ./bench/
 
 clean:

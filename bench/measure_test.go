@@ -58,6 +58,7 @@ type result struct {
 	LoadAvg1        float64 `json:"loadavg_1min_at_end,omitempty"`
 
 	Writer *writerStats `json:"writer,omitempty"`
+	Bulk   *bulkStats   `json:"bulk,omitempty"`
 
 	// LockBreakdown: the statements the engine ran while holding the
 	// cut-over lock (from LOCK TABLE to the "table swapped" event), with

@@ -227,3 +227,37 @@ func maxGap(s []sample, a, b time.Time) time.Duration {
 	}
 	return best
 }
+
+// latenciesFrom returns the sorted latencies of transactions due in [a, b),
+// whenever they completed: those waiting at a for something before it are
+// left out.
+func latenciesFrom(s []sample, a, b time.Time) []time.Duration {
+	var out []time.Duration
+	for _, x := range s {
+		if !x.start.Before(a) && x.start.Before(b) {
+			out = append(out, x.end.Sub(x.start))
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
+	return out
+}
+
+// maxGapFrom is the longest time without a completed transaction within
+// [a, b): a gap that began before a counts from a only.
+func maxGapFrom(s []sample, a, b time.Time) time.Duration {
+	var best time.Duration
+	for i := 1; i < len(s); i++ {
+		p, q := s[i-1].end, s[i].end
+		if q.Before(a) || !p.Before(b) {
+			continue
+		}
+		if p.Before(a) {
+			p = a
+		}
+		if q.After(b) {
+			q = b
+		}
+		best = max(best, q.Sub(p))
+	}
+	return best
+}
