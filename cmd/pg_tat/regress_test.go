@@ -7,6 +7,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -340,6 +341,13 @@ func TestOriginalRegression(t *testing.T) {
 		t.Errorf("%s objects of pg_tat left behind", left)
 	}
 	got, want := testpg.Schema(t, testpg.Pool(t, db)), testpg.Schema(t, testpg.Pool(t, ref))
+	if pg18 {
+		// Known difference (README, Known limitations): on 18 a leaf's NOT
+		// NULL inherited from its parent comes back also marked local, as
+		// its primary key is re-added USING INDEX at the switch.
+		re := regexp.MustCompile(`(?m)^(constraint \S+ on \S+: NOT NULL \S+ inherited \d+ local) [tf]$`)
+		got, want = re.ReplaceAllString(got, "$1 ?"), re.ReplaceAllString(want, "$1 ?")
+	}
 	if got != want {
 		t.Errorf("schema differs from the same ALTERs in place:\n%s", diffLines(want, got))
 	}
