@@ -435,6 +435,9 @@ func migrate(ctx context.Context, url string, r *result, rec *recorder, tr *trac
 	opts.Capture = r.Method
 	opts.CopyDataJobs = r.CopyJobs
 	opts.ShowQueries = tr.show
+	if r.Verify != nil {
+		opts.Verify = *r.Verify
+	}
 	cfg, err := pgxpool.ParseConfig(url)
 	if err != nil {
 		return err

@@ -166,6 +166,15 @@ func writeReport() error {
 		jl.Write(b)
 		jl.WriteByte('\n')
 	}
+	costs := verifyCosts()
+	for _, c := range costs {
+		b, err := json.Marshal(c)
+		if err != nil {
+			return err
+		}
+		jl.Write(b)
+		jl.WriteByte('\n')
+	}
 	if err := os.WriteFile(filepath.Join(outDir(), "results.jsonl"), []byte(jl.String()), 0o644); err != nil {
 		return err
 	}
@@ -383,6 +392,8 @@ func writeReport() error {
 		w("| %s | %.1f | %s | %s | %s | %s |\n", r.Scenario, r.LockWindowMS, f1(r.ServerLockMS), f1(r.SyncMS), lag, strings.Join(parts, "; "))
 	}
 	w("\n")
+
+	md.WriteString(verifySection(costs))
 
 	// Repack.
 	w("## 3. pg_repack\n\n")
