@@ -71,7 +71,9 @@ type Options struct {
 	PartialMode bool
 
 	// Verify proves the shadow equal to the transformed original before the
-	// switch (phase verify), recopying ranges that differ.
+	// switch (phase verify), recopying ranges that differ. On by default: the
+	// copy checksums what it reads, so verify rereads the original only
+	// where changes were captured since (verify.go).
 	Verify bool
 
 	// TestHook, when set, is called at named points of a run (tests use it to
@@ -94,6 +96,7 @@ func DefaultOptions() Options {
 		MinDeltaRows:                  1000,
 		MaxParallelMaintenanceWorkers: -1,
 		CatchupTimeout:                time.Hour,
+		Verify:                        true,
 	}
 }
 

@@ -45,6 +45,7 @@ type migration struct {
 	snapshot    string         // exported snapshot every copy batch must use ("" for trigger capture)
 	closure     *uniqueClosure // set once the shadow's indexes exist; nil: no unique index to close over
 	matViews    []*matView     // materialized views over the tree, their replacements built (matview.go)
+	sums        []verifyTarget // with verify: how the copy checksums each table's rows (verify.go)
 
 	mu           sync.Mutex
 	phase        string
