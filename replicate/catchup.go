@@ -431,7 +431,7 @@ WHERE (%s) IN (SELECT %s FROM %s WHERE seq > $1 AND seq < $2 AND op NOT IN ('T',
 // the copy took of it (verify.go). Only with verify: without, the copy
 // keeps no checksum to protect (prepareSums).
 func (m *migration) markTouched(ctx context.Context, tx pgx.Tx, upto int64, truncated bool) error {
-	if !m.opts.Verify {
+	if !m.verifying() {
 		return nil
 	}
 	p := m.plan
