@@ -28,6 +28,7 @@ const alterCmd = "ALTER TABLE t ALTER COLUMN aid TYPE bigint"
 //	BENCH_WRITER_ROWS=2M   table size of the concurrent-writer scenarios
 //	BENCH_WRITER_RATE=500  target TPS of the fixed-rate writer scenario
 //	BENCH_WINDOW=8s        writer measurement window before and after the migration
+//	BENCH_VERIFY_SIZES=2M,4M  row counts of BenchmarkVerify (verify off vs on)
 func sizes() []int64 {
 	spec := os.Getenv("BENCH_SIZES")
 	if spec == "" {

@@ -74,7 +74,7 @@ func machine() []string {
 	out = append(out, "Go: "+runtime.Version()+" "+runtime.GOOS+"/"+runtime.GOARCH)
 	out = append(out, "Date: "+time.Now().UTC().Format("2006-01-02 15:04 MST"))
 	var env []string
-	for _, k := range []string{"BENCH_SIZES", "BENCH_BIG", "BENCH_REPS", "BENCH_WRITER_ROWS", "BENCH_WRITER_RATE", "BENCH_WINDOW"} {
+	for _, k := range []string{"BENCH_SIZES", "BENCH_BIG", "BENCH_REPS", "BENCH_WRITER_ROWS", "BENCH_WRITER_RATE", "BENCH_WINDOW", "BENCH_VERIFY_SIZES"} {
 		if v := os.Getenv(k); v != "" {
 			env = append(env, k+"="+v)
 		}

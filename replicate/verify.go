@@ -84,7 +84,7 @@ func (m *migration) verify(ctx context.Context) error {
 					if !r.trusted(vt.kind) {
 						sc, sargs := rangeCond(srcKeys, p.KeyTypes, r.lo, r.hi)
 						sc = m.filterWhere(sc)
-						if err := tx.QueryRow(ctx, fmt.Sprintf(vt.agg, strings.Join(vt.srcRow, ", "), vt.src, "t", sc), sargs...).Scan(&r.n, &r.sum); err != nil {
+						if err := tx.QueryRow(ctx, vt.aggSQL(vt.srcRow, vt.src, "t", sc), sargs...).Scan(&r.n, &r.sum); err != nil {
 							return fmt.Errorf("hash range %d of the original %s: %w", r.id, vt.src, err)
 						}
 						rehashed++
@@ -99,7 +99,7 @@ func (m *migration) verify(ctx context.Context) error {
 				// The shadow's side: the whole table in one scan.
 				var dn int64
 				var dh string
-				if err := tx.QueryRow(ctx, fmt.Sprintf(vt.agg, strings.Join(vt.dstRow, ", "), vt.dstRead, "s", "")).Scan(&dn, &dh); err != nil {
+				if err := tx.QueryRow(ctx, vt.aggSQL(vt.dstRow, vt.dstRead, "s", "")).Scan(&dn, &dh); err != nil {
 					return fmt.Errorf("hash the shadow %s: %w", vt.dst, err)
 				}
 				if dn == srcN && dh == srcSum.String() {
@@ -109,7 +109,7 @@ func (m *migration) verify(ctx context.Context) error {
 				for _, r := range rs {
 					if len(rs) > 1 {
 						dc, dargs := rangeCond(dstKeys, p.KeyTypes, r.lo, r.hi)
-						if err := tx.QueryRow(ctx, fmt.Sprintf(vt.agg, strings.Join(vt.dstRow, ", "), vt.dstRead, "s", dc), dargs...).Scan(&dn, &dh); err != nil {
+						if err := tx.QueryRow(ctx, vt.aggSQL(vt.dstRow, vt.dstRead, "s", dc), dargs...).Scan(&dn, &dh); err != nil {
 							return fmt.Errorf("hash range %d of the shadow %s: %w", r.id, vt.dst, err)
 						}
 						if sum, ok := new(big.Int).SetString(r.sum, 10); ok && dn == r.n && dh == sum.String() {
@@ -226,9 +226,51 @@ type verifyTarget struct {
 	dstRow      []string // the shadow's row
 	copyCols    []string // the copy's CTE columns holding the expressions' values (_c1...)
 	copyRow     []string // those, cast to the shadow's types: srcRow as the copy has it
-	hash        string   // the hash of one row: fmt with the row's values
-	kind        string   // which hash ("record" or "md5"), stored with the copy's checksums
-	agg         string   // count and hash sum: fmt with row, table, alias, condition
+	colHash     []string // per column: the function hashing it with a seed (fmt: value, seed); "" for the row's record hash
+	kind        string   // which hash ("chain" or "md5"), stored with the copy's checksums
+}
+
+// hashOf is the 64-bit hash of one row (its values, in the shadow's column
+// order). "chain": each column hashed by its type's own extended hash
+// function, seeded with the hash of the columns before it, so a value in
+// another column or row hashes differently; no composite is built per row,
+// which costs several times more than the hashing itself. A NULL hashes as
+// a hash of the seed alone. A type not in chainHash is hashed as a
+// one-column record (14+). "md5": md5 of the row's text (before 14 with
+// such a type, or a column type without a hash function).
+func (vt *verifyTarget) hashOf(row []string) string {
+	switch vt.kind {
+	case "md5":
+		return "('x' || pg_catalog.substr(pg_catalog.md5(ROW(" + strings.Join(row, ", ") + ")::text), 1, 15))::bit(60)::bigint"
+	}
+	h := "0::bigint"
+	for j, v := range row {
+		f := vt.colHash[j]
+		if f == "" {
+			f = "pg_catalog.hash_record_extended(ROW(%s), %s)"
+		}
+		h = fmt.Sprintf("coalesce(%s, pg_catalog.hashint8extended(%s, %d))", fmt.Sprintf(f, v, h), h, j+1)
+	}
+	return h
+}
+
+// aggSQL counts and hash-sums the rows of table (as alias) under cond.
+func (vt *verifyTarget) aggSQL(row []string, table, alias, cond string) string {
+	return "SELECT count(*), " + vt.sumOf(row) + " FROM " + table + " " + alias + cond
+}
+
+// chainHash: the extended hash function of common built-in types (by
+// regtype), as a call with the value and the seed. Other types are hashed
+// as a one-column record (any type with a hash opclass).
+var chainHash = map[string]string{
+	"smallint": "pg_catalog.hashint2extended(%s, %s)", "integer": "pg_catalog.hashint4extended(%s, %s)",
+	"bigint": "pg_catalog.hashint8extended(%s, %s)", "oid": "pg_catalog.hashoidextended(%s, %s)",
+	"text": "pg_catalog.hashtextextended(%s, %s)", "character varying": "pg_catalog.hashtextextended((%s)::text, %s)",
+	"character": "pg_catalog.hashbpcharextended(%s, %s)", "numeric": "pg_catalog.hash_numeric_extended(%s, %s)",
+	"boolean": "pg_catalog.hashint4extended((%s)::integer, %s)", "uuid": "pg_catalog.uuid_hash_extended(%s, %s)",
+	"double precision": "pg_catalog.hashfloat8extended(%s, %s)", "real": "pg_catalog.hashfloat4extended(%s, %s)",
+	"timestamp without time zone": "pg_catalog.timestamp_hash_extended(%s, %s)",
+	"jsonb":                       "pg_catalog.jsonb_hash_extended(%s, %s)",
 }
 
 // sumOf is the sum of the hashes of row, as an integer's text (0 when no row).
@@ -236,7 +278,7 @@ func (vt *verifyTarget) sumOf(row []string) string { return vt.sumOver(row, "") 
 
 // sumOver is sumOf as a window aggregate over window ("": a plain aggregate).
 func (vt *verifyTarget) sumOver(row []string, window string) string {
-	return "coalesce(sum(" + fmt.Sprintf(vt.hash, strings.Join(row, ", ")) + ")" + window + ", 0)::text"
+	return "coalesce(sum(" + vt.hashOf(row) + ")" + window + ", 0)::text"
 }
 
 // kindArg is the kind as a statement parameter: NULL without checksums.
@@ -302,40 +344,47 @@ func (m *migration) hashTargets(ctx context.Context) ([]verifyTarget, error) {
 	}
 	for i := range out {
 		vt := &out[i]
-		types, err := m.q(ctx, m.pool, `select attname, format_type(atttypid, atttypmod) from pg_attribute
+		types, err := m.q(ctx, m.pool, `select attname, format_type(atttypid, atttypmod), atttypid::regtype::text from pg_attribute
 			where attrelid = $1::regclass and attnum > 0 and not attisdropped`, vt.dst)
 		if err != nil {
 			return nil, fmt.Errorf("column types of %s: %w", vt.dst, err)
 		}
-		typeOf := map[string]string{}
+		typeOf, baseOf := map[string]string{}, map[string]string{}
 		for _, t := range types {
-			typeOf[qi(t[0])] = t[1]
+			typeOf[qi(t[0])], baseOf[qi(t[0])] = t[1], t[2]
 		}
 		n := len(vt.insertCols)
 		vt.srcRow, vt.dstRow, vt.copyCols, vt.copyRow = make([]string, n), make([]string, n), make([]string, n), make([]string, n)
 		nulls := make([]string, n)
+		vt.colHash = make([]string, n)
 		for j, c := range vt.insertCols {
+			vt.colHash[j] = chainHash[baseOf[c]]
 			vt.srcRow[j] = fmt.Sprintf("(%s)::%s", vt.selectExprs[j], typeOf[c])
 			vt.dstRow[j] = "s." + c
 			vt.copyCols[j] = fmt.Sprintf("_c%d", j+1)
 			vt.copyRow[j] = fmt.Sprintf("(_c%d)::%s", j+1, typeOf[c])
 			nulls[j] = "NULL::" + typeOf[c]
 		}
-		// A 64-bit hash of each row, summed (as numeric: no overflow).
-		// Hashing the record itself (PostgreSQL 14+) avoids printing every
-		// row as text, which cost several times the copy; 13 falls back to
-		// md5 of the text. Per table: a child may have a column of its own
-		// without a hash function. The probe hashes a row of NULLs of the
-		// shadow's types: the hash functions are looked up per column
+		// A 64-bit hash of each row (hashOf), summed (as numeric: no
+		// overflow). Hashing the values themselves avoids printing every
+		// row as text, which cost several times the copy; md5 of the text
+		// stays the fallback. Per table: a child may have a column of its
+		// own without a hash function. The probe hashes a row of NULLs of
+		// the shadow's types: functions are resolved when the statement is
+		// planned and a record's hash functions looked up per column
 		// whatever the values, so an empty shadow (before the copy) answers
 		// as a full one would.
-		vt.hash, vt.kind = "hash_record_extended(ROW(%s), 0)", "record"
-		probe := fmt.Sprintf("SELECT hash_record_extended(ROW(%s), 0)", strings.Join(nulls, ", "))
-		if _, err := m.pool.Exec(ctx, probe); ver < 140000 || err != nil {
-			// Before 14, or a column type without a hash function.
-			vt.hash, vt.kind = "('x' || substr(md5(ROW(%s)::text), 1, 15))::bit(60)::bigint", "md5"
+		vt.kind = "chain"
+		for _, f := range vt.colHash {
+			if f == "" && ver < 140000 {
+				vt.kind = "md5" // before 14, no hash_record_extended for the other types
+			}
 		}
-		vt.agg = "SELECT count(*), " + vt.sumOf([]string{"%s"}) + " FROM %s %s%s"
+		if vt.kind == "chain" {
+			if _, err := m.pool.Exec(ctx, "SELECT "+vt.hashOf(nulls)); err != nil {
+				vt.kind = "md5" // a column type without a hash function
+			}
+		}
 	}
 	return out, nil
 }
