@@ -61,7 +61,7 @@ options:
                                           whole range at once, as the original's default)
  --capture CAPTURE     trigger (default) or logical
  --verify              before the switch, prove the shadow equals the transformed table (the default)
- --no-verify           skip that proof (saves verify's cost, about a tenth of the copy's time)
+ --no-verify           skip that proof (saves verify's cost: a read of the shadow, checksums in the copy)
  --install             install or upgrade schema tat (for the tatd sidecar) and exit
  --dry-run             check everything, print the plan and every statement; change nothing
  --copy-data-filter SQL
