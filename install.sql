@@ -560,7 +560,7 @@ declare
         'work_mem', null, 'maintenance_work_mem', null, 'max_parallel_maintenance_workers', null,
         'switch', 'auto', 'skip_fk_validation', false,
         'max_replica_lag', null, 'max_active_sessions', null, 'throttle_query', null,
-        'verify', false, 'vacuum_freeze', false, 'copy_data_filter', null,
+        'verify', true, 'vacuum_freeze', false, 'copy_data_filter', null,
         'command_before_switch', null, 'command_after_switch', null, 'catchup_timeout', '01:00:00',
         'partial_mode', false, 'keep_old', null);
     o        jsonb;
@@ -1121,7 +1121,7 @@ create or replace function tat.alter(
     max_replica_lag interval default null,
     max_active_sessions int default null,
     throttle_query text default null,
-    verify boolean default false,
+    verify boolean default true,
     copy_data_filter text default null,
     command_before_switch text default null,
     command_after_switch text default null,

@@ -37,6 +37,7 @@ const alterCmd = "ALTER TABLE t ALTER COLUMN aid TYPE bigint"
 //	BENCH_WINDOW=8s           writer measurement window before and after the migration
 //	BENCH_BULK_ROWS=250K      rows the bulk transaction at the switch changes
 //	                          (4/5 updated, 1/5 deleted; at most half the table)
+//	BENCH_VERIFY_SIZES=2M,4M  row counts of BenchmarkVerify (verify off vs on)
 func sizes() []int64 {
 	spec := os.Getenv("TAT_BENCH_SIZES")
 	if spec == "" {
@@ -564,6 +565,9 @@ func migrate(ctx context.Context, url string, r *result, rec *recorder, tr *trac
 			}
 			return nil
 		}
+	}
+	if r.Verify != nil {
+		opts.Verify = *r.Verify
 	}
 	cfg, err := pgxpool.ParseConfig(url)
 	if err != nil {

@@ -18,10 +18,11 @@ import (
 // result is one scenario: one JSON line in results.jsonl.
 type result struct {
 	Scenario string `json:"scenario"`
-	Kind     string `json:"kind"` // rewrite | writer | repack
+	Kind     string `json:"kind"` // rewrite | writer | repack | verify
 	Rows     int64  `json:"rows"`
 	Method   string `json:"method"` // blocking | floor | trigger | logical | pg_repack
 	CopyJobs int    `json:"copy_data_jobs,omitempty"`
+	Verify   *bool  `json:"verify,omitempty"` // set: the run's Options.Verify (verify scenarios); nil: the default
 	Rep      int    `json:"rep,omitempty"`
 	Status   string `json:"status"` // ok | n/a | error | skipped
 	Note     string `json:"note,omitempty"`

@@ -75,7 +75,7 @@ func machine() []string {
 	out = append(out, "Date: "+time.Now().UTC().Format("2006-01-02 15:04 MST"))
 	var env []string
 	for _, k := range []string{"TAT_BENCH_SIZES", "BENCH_SIZES", "BENCH_BIG", "BENCH_BIG_ROWS", "BENCH_BIG_REPS", "BENCH_REPS",
-		"BENCH_WRITER_ROWS", "BENCH_WRITER_RATE", "BENCH_WINDOW", "BENCH_BULK_ROWS"} {
+		"BENCH_WRITER_ROWS", "BENCH_WRITER_RATE", "BENCH_WINDOW", "BENCH_BULK_ROWS", "BENCH_VERIFY_SIZES"} {
 		if v := os.Getenv(k); v != "" {
 			env = append(env, k+"="+v)
 		}
@@ -167,6 +167,15 @@ func writeReport() error {
 	var jl strings.Builder
 	for _, r := range results {
 		b, err := json.Marshal(r)
+		if err != nil {
+			return err
+		}
+		jl.Write(b)
+		jl.WriteByte('\n')
+	}
+	costs := verifyCosts()
+	for _, c := range costs {
+		b, err := json.Marshal(c)
 		if err != nil {
 			return err
 		}
@@ -473,6 +482,8 @@ func writeReport() error {
 		w("| %s | %.1f | %s | %s | %s | %s |\n", r.Scenario, r.LockWindowMS, f1(r.ServerLockMS), f1(r.SyncMS), lag, strings.Join(parts, "; "))
 	}
 	w("\n")
+
+	md.WriteString(verifySection(costs))
 
 	// Bulk change at the switch.
 	w("## 3. Bulk transaction at the switch\n\n")

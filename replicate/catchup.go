@@ -277,6 +277,15 @@ func (m *migration) applyDeltaOnce(ctx context.Context, db txStarter, limit int6
 }
 
 func (m *migration) applyDeltaTx(ctx context.Context, tx pgx.Tx, limit int64) (int64, error) {
+	return m.applyDeltaSlice(ctx, tx, limit, true)
+}
+
+// applyDeltaSlice is applyDeltaTx; mark says whether to mark the ranges
+// the applied keys fall in for verify (markTouched). The switch's last
+// delta does not: verify is over by then, and the statement would only
+// lengthen the lock (a switch that rolls back leaves those delta rows to
+// a later apply, which marks them).
+func (m *migration) applyDeltaSlice(ctx context.Context, tx pgx.Tx, limit int64, mark bool) (int64, error) {
 	if m.rev != nil {
 		return m.applyReverseTx(ctx, tx, limit) // a revert (keep.go)
 	}
@@ -385,6 +394,11 @@ WHERE (%s) IN (SELECT %s FROM %s WHERE seq > $1 AND seq < $2 AND op NOT IN ('T',
 	if err := apply(from, *upto+1); err != nil {
 		return 0, err
 	}
+	if mark {
+		if err := m.markTouched(ctx, tx, *upto, len(markers) > 0); err != nil {
+			return 0, err
+		}
+	}
 	tag, err := m.exec(ctx, tx, "DELETE FROM "+delta+" WHERE seq <= $1", *upto)
 	if err != nil {
 		return 0, fmt.Errorf("apply delta (trim): %w", err)
@@ -409,6 +423,68 @@ WHERE (%s) IN (SELECT %s FROM %s WHERE seq > $1 AND seq < $2 AND op NOT IN ('T',
 		if _, err := m.exec(ctx, tx, ins, from, to, tt.OID); err != nil {
 			return fmt.Errorf("apply delta to %s (insert): %w", tt.Dst, err)
 		}
+	}
+	return nil
+}
+
+// markTouched marks (dirty) every range of the state table that holds the
+// key of a delta row up to seq upto (all of them after a TRUNCATE), in the
+// transaction that applies and trims those rows: a range never marked has
+// had no change since the capture began, so verify may trust the checksum
+// the copy took of it (verify.go). Only with verify: without, the copy
+// keeps no checksum to protect (prepareSums).
+func (m *migration) markTouched(ctx context.Context, tx pgx.Tx, upto int64, truncated bool) error {
+	if !m.verifying() {
+		return nil
+	}
+	p := m.plan
+	rows, err := tx.Query(ctx, "SELECT range_id, lo, hi, rel FROM "+m.stateIdent()+" WHERE NOT dirty ORDER BY range_id")
+	if err != nil {
+		return fmt.Errorf("read clean ranges: %w", err)
+	}
+	clean, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (copyRange, error) {
+		var c copyRange
+		return c, r.Scan(&c.id, &c.lo, &c.hi, &c.rel)
+	})
+	if err != nil {
+		return fmt.Errorf("read clean ranges: %w", err)
+	}
+	if len(clean) == 0 {
+		return nil
+	}
+	if truncated {
+		if _, err := m.exec(ctx, tx, "UPDATE "+m.stateIdent()+" SET dirty = true WHERE NOT dirty"); err != nil {
+			return fmt.Errorf("mark ranges after a TRUNCATE: %w", err)
+		}
+		return nil
+	}
+	keys := make([]string, len(p.Key))
+	for i := range keys {
+		keys[i] = fmt.Sprintf("d.k%d", i+1)
+	}
+	// One pass over the slice: each delta row to the (one) clean range its
+	// key falls in, NULL when its range is marked already.
+	args := []any{upto}
+	var whens strings.Builder
+	for _, r := range clean {
+		var conds []string
+		if p.inherits() {
+			args = append(args, m.treeTables()[r.rel].OID)
+			conds = append(conds, fmt.Sprintf("d.rel = $%d::oid", len(args)))
+		}
+		if c := rangePred(keys, p.KeyTypes, r.lo, r.hi, &args); c != "" {
+			conds = append(conds, c)
+		}
+		if len(conds) == 0 {
+			conds = append(conds, "true")
+		}
+		args = append(args, r.id)
+		fmt.Fprintf(&whens, " WHEN %s THEN $%d::int", strings.Join(conds, " AND "), len(args))
+	}
+	q := fmt.Sprintf(`UPDATE %s SET dirty = true WHERE range_id IN (
+  SELECT CASE%s END FROM %s d WHERE d.seq <= $1 AND d.op NOT IN ('T', 'P'))`, m.stateIdent(), whens.String(), m.deltaIdent())
+	if _, err := m.exec(ctx, tx, q, args...); err != nil {
+		return fmt.Errorf("mark the ranges the delta touched: %w", err)
 	}
 	return nil
 }

@@ -259,6 +259,9 @@ type copyRange struct {
 }
 
 func (m *migration) copyData(ctx context.Context) error {
+	if err := m.prepareSums(ctx); err != nil {
+		return err
+	}
 	rows, err := m.pool.Query(ctx, "SELECT range_id, coalesce(last, lo), hi, rel FROM "+m.stateIdent()+" WHERE NOT done ORDER BY range_id")
 	if err != nil {
 		return fmt.Errorf("read ranges: %w", err)
@@ -330,13 +333,22 @@ func (m *migration) batchTx(ctx context.Context, fn func(pgx.Tx) error) error {
 func (m *migration) copyIntRange(ctx context.Context, r copyRange, kmin, kmax int64, step float64) error {
 	p := m.plan
 	key := "t." + qi(p.Key[0])
+	sums := m.sumTarget(r.rel)
 	// One CTE, referenced once: PostgreSQL inlines it, so this is a plain
 	// INSERT ... SELECT (written as a CTE so every copy batch reads alike
-	// in --show-queries).
+	// in --show-queries). With verify, the CTE also feeds the range's
+	// source checksum (then it is materialised once and read twice: the
+	// checksum is over exactly the rows inserted).
 	ins := fmt.Sprintf("WITH src AS (SELECT %s FROM %s t WHERE %s > $1::bigint",
 		strings.Join(p.SelectExprs, ", "), m.srcRel(), key)
 	tail := fmt.Sprintf(") INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT * FROM src",
 		m.shadowIdent(), strings.Join(p.InsertCols, ", "))
+	if sums != nil {
+		ins = fmt.Sprintf("WITH src AS (SELECT %s FROM %s t WHERE %s > $1::bigint",
+			strings.Join(aliased(p.SelectExprs), ", "), m.srcRel(), key)
+		tail = fmt.Sprintf("), ins AS (INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM src)\nSELECT count(*), %s FROM src",
+			m.shadowIdent(), strings.Join(p.InsertCols, ", "), strings.Join(sums.copyCols, ", "), sums.sumOf(sums.copyRow))
+	}
 	cur := kmin - 1
 	if r.lo != nil {
 		v, err := strconv.ParseInt(r.lo[0], 10, 64)
@@ -377,17 +389,24 @@ func (m *migration) copyIntRange(ctx context.Context, r copyRange, kmin, kmax in
 		}
 		var count int64
 		err := m.batchTx(ctx, func(tx pgx.Tx) error {
-			tag, err := tx.Exec(ctx, sql, args...)
-			if err != nil {
-				return err
+			var sum *string
+			if sums != nil {
+				if err := tx.QueryRow(ctx, sql, args...).Scan(&count, &sum); err != nil {
+					return err
+				}
+			} else {
+				tag, err := tx.Exec(ctx, sql, args...)
+				if err != nil {
+					return err
+				}
+				count = tag.RowsAffected()
 			}
-			count = tag.RowsAffected()
 			upto := end
 			if !last {
 				upto = args[1].(int64)
 			}
-			_, err = tx.Exec(ctx, "UPDATE "+m.stateIdent()+" SET last = $2, rows = rows + $3, done = $4 WHERE range_id = $1",
-				r.id, []string{strconv.FormatInt(upto, 10)}, count, last)
+			_, err := tx.Exec(ctx, "UPDATE "+m.stateIdent()+" SET last = $2, rows = rows + $3, done = $4, "+sumsSet(5, 6)+" WHERE range_id = $1",
+				r.id, []string{strconv.FormatInt(upto, 10)}, count, last, sum, sums.kindArg())
 			return err
 		})
 		if err != nil {
@@ -400,6 +419,24 @@ func (m *migration) copyIntRange(ctx context.Context, r copyRange, kmin, kmax in
 		cur = args[1].(int64)
 		width = nextWidth(width, count, int64(m.batchSize()))
 	}
+}
+
+// sumsSet moves a range's stored source checksum on by a batch (parameter
+// sum: the batch's sum as text; kind: how it was hashed): it stays a checksum only
+// while every batch of the range added one, the same way. A batch copied
+// without (verify off, $6 NULL) or hashed otherwise leaves it NULL, which
+// verify takes as unknown.
+func sumsSet(sum, kind int) string {
+	return fmt.Sprintf("src_sum = CASE WHEN $%[2]d::text IS NOT NULL AND coalesce(src_hash, $%[2]d::text) = $%[2]d::text THEN src_sum + $%[1]d::numeric END, src_hash = $%[2]d::text", sum, kind)
+}
+
+// aliased names the copy's expressions _c1, _c2...: what the checksum reads.
+func aliased(exprs []string) []string {
+	out := make([]string, len(exprs))
+	for i, e := range exprs {
+		out[i] = fmt.Sprintf("%s AS _c%d", e, i+1)
+	}
+	return out
 }
 
 // copyRange copies one range batch by batch, in key order.
@@ -435,15 +472,22 @@ func (m *migration) copyRange(ctx context.Context, r copyRange) error {
 			out = append(out, fmt.Sprintf("_c%d", i+1))
 		}
 	}
+	sums := m.sumTarget(r.rel)
 	build := func(lo, hi []string) (string, []any) {
 		w, args := rangeCond(keyT, p.KeyTypes, lo, hi)
 		w = m.filterWhere(w)
+		// With verify, the batch's source checksum over the rows it
+		// inserts: a window aggregate over the whole batch, computed once.
+		sum := "NULL::text"
+		if sums != nil {
+			sum = sums.sumOver(sums.copyRow, " OVER ()")
+		}
 		return fmt.Sprintf(`WITH src AS (SELECT %s FROM %s t%s ORDER BY %s LIMIT $%d),
 ins AS (INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM src)
-SELECT count(*) OVER (), ARRAY[%s] FROM src ORDER BY %s LIMIT 1`,
+SELECT count(*) OVER (), ARRAY[%s], %s FROM src ORDER BY %s LIMIT 1`,
 			strings.Join(sel, ", "), src, w, strings.Join(keyT, ", "), len(args)+1,
 			dst, strings.Join(insCols, ", "), strings.Join(out, ", "),
-			strings.Join(lastK, ", "), strings.Join(descK, ", ")), args
+			strings.Join(lastK, ", "), sum, strings.Join(descK, ", ")), args
 	}
 	lo := r.lo
 	for batch := 1; ; batch++ {
@@ -458,18 +502,19 @@ SELECT count(*) OVER (), ARRAY[%s] FROM src ORDER BY %s LIMIT 1`,
 		}
 		var count int64
 		var last []string
+		var sum *string
 		err := m.batchTx(ctx, func(tx pgx.Tx) error {
-			err := tx.QueryRow(ctx, sql, args...).Scan(&count, &last)
+			err := tx.QueryRow(ctx, sql, args...).Scan(&count, &last, &sum)
 			if errors.Is(err, pgx.ErrNoRows) {
 				count = 0
-				_, err = tx.Exec(ctx, "UPDATE "+m.stateIdent()+" SET done = true WHERE range_id = $1", r.id)
+				_, err = tx.Exec(ctx, "UPDATE "+m.stateIdent()+" SET done = true, "+sumsSet(2, 3)+" WHERE range_id = $1", r.id, "0", sums.kindArg())
 				return err
 			}
 			if err != nil {
 				return err
 			}
-			_, err = tx.Exec(ctx, "UPDATE "+m.stateIdent()+" SET last = $2, rows = rows + $3, done = $4 WHERE range_id = $1",
-				r.id, last, count, count < int64(size))
+			_, err = tx.Exec(ctx, "UPDATE "+m.stateIdent()+" SET last = $2, rows = rows + $3, done = $4, "+sumsSet(5, 6)+" WHERE range_id = $1",
+				r.id, last, count, count < int64(size), sum, sums.kindArg())
 			return err
 		})
 		if err != nil {
@@ -491,13 +536,24 @@ SELECT count(*) OVER (), ARRAY[%s] FROM src ORDER BY %s LIMIT 1`,
 // so ranges split on the first column still tile the whole key space, and a
 // checkpoint (a whole key) within such a range narrows it as usual.
 func rangeCond(keys, types, lo, hi []string) (string, []any) {
-	var where []string
 	var args []any
+	w := rangePred(keys, types, lo, hi, &args)
+	if w == "" {
+		return "", nil
+	}
+	return " WHERE " + w, args
+}
+
+// rangePred is rangeCond's condition alone ("" for an unbounded range), its
+// bounds appended to args and numbered after those already there, so that
+// several ranges' conditions fit in one statement.
+func rangePred(keys, types, lo, hi []string, args *[]any) string {
+	var where []string
 	bound := func(op string, vals []string) {
 		s := make([]string, len(vals))
 		for i, v := range vals {
-			args = append(args, v)
-			s[i] = fmt.Sprintf("$%d::%s", len(args), types[i])
+			*args = append(*args, v)
+			s[i] = fmt.Sprintf("$%d::%s", len(*args), types[i])
 		}
 		keyRow := "(" + strings.Join(keys[:len(vals)], ", ") + ")"
 		where = append(where, keyRow+" "+op+" ("+strings.Join(s, ", ")+")")
@@ -508,10 +564,7 @@ func rangeCond(keys, types, lo, hi []string) (string, []any) {
 	if hi != nil {
 		bound("<=", hi)
 	}
-	if len(where) == 0 {
-		return "", nil
-	}
-	return " WHERE " + strings.Join(where, " AND "), args
+	return strings.Join(where, " AND ")
 }
 
 // nextWidth scales a batch's key width towards target rows: up to 4x wider

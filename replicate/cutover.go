@@ -201,7 +201,7 @@ func (m *migration) swap(ctx context.Context, tx pgx.Tx, pre *switchReads) (*dep
 	if err := m.deltaWithinBudget(ctx, ftx); err != nil {
 		return nil, err
 	}
-	if _, err := m.applyDeltaTx(ctx, ftx, 0); err != nil {
+	if _, err := m.applyDeltaSlice(ctx, ftx, 0, false); err != nil {
 		return nil, fmt.Errorf("final delta: %w", err)
 	}
 	if _, err := tx.Exec(ctx, catalogPath); err != nil {

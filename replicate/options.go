@@ -71,7 +71,9 @@ type Options struct {
 	PartialMode bool
 
 	// Verify proves the shadow equal to the transformed original before the
-	// switch (phase verify), recopying ranges that differ.
+	// switch (phase verify), recopying ranges that differ. On by default: the
+	// copy checksums what it reads, so verify rereads the original only
+	// where changes were captured since (verify.go).
 	Verify bool
 
 	// KeepOld > 0 keeps the original after the switch, as T__tat_old, in
@@ -99,6 +101,7 @@ func DefaultOptions() Options {
 		MinDeltaRows:                  1000,
 		MaxParallelMaintenanceWorkers: -1,
 		CatchupTimeout:                time.Hour,
+		Verify:                        true,
 	}
 }
 

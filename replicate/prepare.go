@@ -864,13 +864,17 @@ func relOptions(opts []string) string {
 func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
 
 // createState makes the state table: the plan (as its comment) and the copy
-// checkpoints, so a restarted run continues where this one stopped.
+// checkpoints, so a restarted run continues where this one stopped; per
+// range also the source checksum the copy took (src_sum, src_hash) and
+// whether a captured change has touched the range since (dirty), which
+// verify uses (verify.go).
 func createState(ctx context.Context, m *migration, tx pgx.Tx, p *plan) error {
 	st := ident(p.Schema, p.State)
 	keyTypes := make([]string, len(p.KeyTypes))
 	copy(keyTypes, p.KeyTypes)
 	if _, err := m.exec(ctx, tx, "CREATE TABLE "+st+` (range_id int PRIMARY KEY, lo text[], hi text[], last text[],
-		rows bigint NOT NULL DEFAULT 0, done boolean NOT NULL DEFAULT false, rel int NOT NULL DEFAULT 0)`); err != nil {
+		rows bigint NOT NULL DEFAULT 0, done boolean NOT NULL DEFAULT false, rel int NOT NULL DEFAULT 0,
+		src_sum numeric DEFAULT 0, src_hash text, dirty boolean NOT NULL DEFAULT false)`); err != nil {
 		return fmt.Errorf("create state table: %w", err)
 	}
 	js, err := json.Marshal(p)

@@ -3,6 +3,7 @@ package replicate
 import (
 	"context"
 	"fmt"
+	"math/big"
 	"strings"
 
 	"github.com/jackc/pgx/v5"
@@ -10,13 +11,28 @@ import (
 
 // verify proves, before the switch, that the shadow equals the original
 // passed through the command's transformation. One REPEATABLE READ
-// transaction applies the delta visible in its snapshot and then compares,
-// per copy range, the row count and a sum of row hashes of both tables: in
-// that snapshot every change to the original is either in the applied delta
-// or not visible at all, so the two sides must be equal, while writers keep
-// writing (nothing is locked beyond ACCESS SHARE). A range that differs is
-// recopied in the same snapshot and checked again in the next round; after
-// three rounds with differences the job fails, the original untouched.
+// transaction applies the delta visible in its snapshot and then compares
+// the row count and a sum of row hashes of both tables: in that snapshot
+// every change to the original is either in the applied delta or not
+// visible at all, so the two sides must be equal, while writers keep
+// writing (nothing is locked beyond ACCESS SHARE).
+//
+// The shadow side is read whole, in one (parallel) scan per table: nothing
+// about the shadow is taken on trust. The original's side is not read
+// again where it cannot have changed: the copy computed each range's
+// checksum over exactly the rows it inserted (src_sum in the state table),
+// and every change to the original since the capture began has its keys
+// in the delta, whose apply marks the ranges they fall in (dirty). A range
+// never marked holds the rows the copy read, so its stored checksum is the
+// original's side in this snapshot; only marked ranges (and ranges copied
+// without a checksum) are hashed again from the original. The argument in
+// full is in README.md.
+//
+// When the totals of a table differ, each range is compared on its own,
+// and a range that differs is recopied in the same snapshot (and marked,
+// so the next round hashes its original side again) and checked again in
+// the next round; after three rounds with differences the job fails, the
+// original untouched.
 //
 // An inheritance tree is verified table by table: each table's range (the
 // state table's rel) compares that table's own rows (FROM ONLY) with its
@@ -25,11 +41,7 @@ import (
 // would put a child's rows into the root's shadow.
 func (m *migration) verify(ctx context.Context) error {
 	p := m.plan
-	var ver int
-	if err := m.pool.QueryRow(ctx, "select current_setting('server_version_num')::int").Scan(&ver); err != nil {
-		return fmt.Errorf("verify: server version: %w", err)
-	}
-	targets, err := m.verifyTargets(ctx, ver)
+	targets, err := m.hashTargets(ctx)
 	if err != nil {
 		return fmt.Errorf("verify: %w", err)
 	}
@@ -39,63 +51,75 @@ func (m *migration) verify(ctx context.Context) error {
 		srcKeys[i] = "t." + qi(p.Key[i])
 		dstKeys[i] = "s." + qi(p.ShadowKey[i])
 	}
-	rows, err := m.pool.Query(ctx, "SELECT range_id, lo, hi, rel FROM "+m.stateIdent()+" ORDER BY range_id")
-	if err != nil {
-		return fmt.Errorf("read ranges: %w", err)
-	}
-	ranges, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (copyRange, error) {
-		var c copyRange
-		return c, r.Scan(&c.id, &c.lo, &c.hi, &c.rel)
-	})
-	if err != nil {
-		return fmt.Errorf("read ranges: %w", err)
-	}
-	for _, r := range ranges {
-		if r.rel < 0 || r.rel >= len(targets) {
-			return fmt.Errorf("verify: range %d names table %d of a tree of %d", r.id, r.rel, len(targets))
-		}
-	}
 	for round := 1; round <= 3; round++ {
 		if err := m.hold(ctx); err != nil {
 			return err
 		}
-		var bad []int
+		var bad, total, rehashed int
 		err := pgx.BeginTxFunc(ctx, m.pool, pgx.TxOptions{IsoLevel: pgx.RepeatableRead}, func(tx pgx.Tx) error {
+			// The apply marks the ranges its keys fall in: read the
+			// ranges after it.
 			if _, err := m.applyDeltaTx(ctx, tx, 0); err != nil {
 				return err
 			}
-			for _, r := range ranges {
+			ranges, err := m.verifyRanges(ctx, tx, len(targets))
+			if err != nil {
+				return err
+			}
+			total = len(ranges)
+			for rel, vt := range targets {
 				if err := m.hook(ctx, tx, "verify"); err != nil {
 					return err
 				}
-				vt := targets[r.rel]
-				sc, sargs := rangeCond(srcKeys, p.KeyTypes, r.lo, r.hi)
-				sc = m.filterWhere(sc)
-				dc, dargs := rangeCond(dstKeys, p.KeyTypes, r.lo, r.hi)
-				var sn, dn int64
-				var sh, dh string
-				if err := tx.QueryRow(ctx, fmt.Sprintf(vt.agg, strings.Join(vt.srcRow, ", "), vt.src, "t", sc), sargs...).Scan(&sn, &sh); err != nil {
-					return fmt.Errorf("hash range %d of the original %s: %w", r.id, vt.src, err)
+				var rs []*verifyRange
+				for _, r := range ranges {
+					if r.rel == rel {
+						rs = append(rs, r)
+					}
 				}
-				if err := tx.QueryRow(ctx, fmt.Sprintf(vt.agg, strings.Join(vt.dstRow, ", "), vt.dstRead, "s", dc), dargs...).Scan(&dn, &dh); err != nil {
-					return fmt.Errorf("hash range %d of the shadow %s: %w", r.id, vt.dst, err)
+				// The original's side: stored where it cannot have
+				// changed, hashed again where it may have.
+				srcN, srcSum := int64(0), new(big.Int)
+				for _, r := range rs {
+					if !r.trusted(vt.kind) {
+						sc, sargs := rangeCond(srcKeys, p.KeyTypes, r.lo, r.hi)
+						sc = m.filterWhere(sc)
+						if err := tx.QueryRow(ctx, vt.aggSQL(vt.srcRow, vt.src, "t", sc), sargs...).Scan(&r.n, &r.sum); err != nil {
+							return fmt.Errorf("hash range %d of the original %s: %w", r.id, vt.src, err)
+						}
+						rehashed++
+					}
+					v, ok := new(big.Int).SetString(r.sum, 10)
+					if !ok {
+						return fmt.Errorf("checksum of range %d: %q is not an integer", r.id, r.sum)
+					}
+					srcN += r.n
+					srcSum.Add(srcSum, v)
 				}
-				if sn == dn && sh == dh {
+				// The shadow's side: the whole table in one scan.
+				var dn int64
+				var dh string
+				if err := tx.QueryRow(ctx, vt.aggSQL(vt.dstRow, vt.dstRead, "s", "")).Scan(&dn, &dh); err != nil {
+					return fmt.Errorf("hash the shadow %s: %w", vt.dst, err)
+				}
+				if dn == srcN && dh == srcSum.String() {
 					continue
 				}
-				bad = append(bad, r.id)
-				where := ""
-				if p.inherits() {
-					where = " of " + strings.TrimPrefix(vt.src, "ONLY ")
-				}
-				m.event(ctx, PhaseVerify, fmt.Sprintf("range %d%s differs (%d rows vs %d in the shadow): recopying it", r.id, where, sn, dn))
-				if _, err := m.exec(ctx, tx, "DELETE FROM "+vt.dstRead+" s"+dc, dargs...); err != nil {
-					return fmt.Errorf("recopy range %d into %s: %w", r.id, vt.dst, err)
-				}
-				ins := fmt.Sprintf("INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM %s t%s",
-					vt.dst, strings.Join(vt.insertCols, ", "), strings.Join(vt.selectExprs, ", "), vt.src, sc)
-				if _, err := m.exec(ctx, tx, ins, sargs...); err != nil {
-					return fmt.Errorf("recopy range %d into %s: %w", r.id, vt.dst, err)
+				// Which ranges differ: each compared on its own.
+				for _, r := range rs {
+					if len(rs) > 1 {
+						dc, dargs := rangeCond(dstKeys, p.KeyTypes, r.lo, r.hi)
+						if err := tx.QueryRow(ctx, vt.aggSQL(vt.dstRow, vt.dstRead, "s", dc), dargs...).Scan(&dn, &dh); err != nil {
+							return fmt.Errorf("hash range %d of the shadow %s: %w", r.id, vt.dst, err)
+						}
+						if sum, ok := new(big.Int).SetString(r.sum, 10); ok && dn == r.n && dh == sum.String() {
+							continue
+						}
+					}
+					bad++
+					if err := m.recopy(ctx, tx, vt, r, srcKeys, dstKeys, dn); err != nil {
+						return err
+					}
 				}
 			}
 			return nil
@@ -103,17 +127,95 @@ func (m *migration) verify(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("verify: %w", err)
 		}
-		if len(bad) == 0 {
-			m.event(ctx, PhaseVerify, fmt.Sprintf("shadow verified equal to the original in %d ranges", len(ranges)))
+		if bad == 0 {
+			m.event(ctx, PhaseVerify, fmt.Sprintf("shadow verified equal to the original in %d ranges (%d hashed again from the original, the others checked against the copy's checksums)", total, rehashed))
 			return nil
 		}
 	}
 	return fmt.Errorf("verify: the shadow still differs from the original after 3 rounds")
 }
 
+// recopy replaces a range of the shadow with the original's rows in the
+// verify snapshot and marks it, so that the next round hashes its
+// original side again rather than trusting the copy's checksum.
+func (m *migration) recopy(ctx context.Context, tx pgx.Tx, vt verifyTarget, r *verifyRange, srcKeys, dstKeys []string, dn int64) error {
+	p := m.plan
+	where := ""
+	if p.inherits() {
+		where = " of " + strings.TrimPrefix(vt.src, "ONLY ")
+	}
+	m.event(ctx, PhaseVerify, fmt.Sprintf("range %d%s differs (%d rows vs %d in the shadow): recopying it", r.id, where, r.n, dn))
+	sc, sargs := rangeCond(srcKeys, p.KeyTypes, r.lo, r.hi)
+	sc = m.filterWhere(sc)
+	dc, dargs := rangeCond(dstKeys, p.KeyTypes, r.lo, r.hi)
+	if _, err := m.exec(ctx, tx, "DELETE FROM "+vt.dstRead+" s"+dc, dargs...); err != nil {
+		return fmt.Errorf("recopy range %d into %s: %w", r.id, vt.dst, err)
+	}
+	ins := fmt.Sprintf("INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM %s t%s",
+		vt.dst, strings.Join(vt.insertCols, ", "), strings.Join(vt.selectExprs, ", "), vt.src, sc)
+	if _, err := m.exec(ctx, tx, ins, sargs...); err != nil {
+		return fmt.Errorf("recopy range %d into %s: %w", r.id, vt.dst, err)
+	}
+	if _, err := m.exec(ctx, tx, "UPDATE "+m.stateIdent()+" SET dirty = true WHERE range_id = $1", r.id); err != nil {
+		return fmt.Errorf("mark range %d recopied: %w", r.id, err)
+	}
+	return nil
+}
+
+// verifying: verify runs (and the copy checksums, the apply marks) when asked
+// for and the capture is by trigger. Under logical capture the delta lags
+// the original: changes visible in verify's snapshot but not streamed yet
+// would look like differences, recopied round after round under steady
+// writes until the job failed.
+func (m *migration) verifying() bool {
+	return m.opts.Verify && m.opts.Capture != CaptureLogical
+}
+
+// verifyRange is a copy range as verify sees it: its stored source
+// checksum, or (once hashed again) the original's side in the snapshot.
+type verifyRange struct {
+	copyRange
+	done, dirty bool
+	n           int64   // rows of the original's side
+	sum         string  // sum of their hashes, as an integer's text
+	stored      *string // the copy's checksum (nil: unknown)
+	kind        *string // how the copy hashed (nil: it did not)
+}
+
+// trusted: the copy's checksum of the range stands for the original's side
+// now: the range was copied whole with a checksum hashed as verify hashes,
+// and no captured change (nor a recopy) has touched it since.
+func (r *verifyRange) trusted(kind string) bool {
+	return r.done && !r.dirty && r.stored != nil && r.kind != nil && *r.kind == kind
+}
+
+func (m *migration) verifyRanges(ctx context.Context, tx pgx.Tx, tables int) ([]*verifyRange, error) {
+	rows, err := tx.Query(ctx, "SELECT range_id, lo, hi, rel, done, dirty, rows, src_sum::text, src_hash FROM "+m.stateIdent()+" ORDER BY range_id")
+	if err != nil {
+		return nil, fmt.Errorf("read ranges: %w", err)
+	}
+	ranges, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (*verifyRange, error) {
+		r := &verifyRange{}
+		err := row.Scan(&r.id, &r.lo, &r.hi, &r.rel, &r.done, &r.dirty, &r.n, &r.stored, &r.kind)
+		if r.stored != nil {
+			r.sum = *r.stored
+		}
+		return r, err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("read ranges: %w", err)
+	}
+	for _, r := range ranges {
+		if r.rel < 0 || r.rel >= tables {
+			return nil, fmt.Errorf("range %d names table %d of a tree of %d", r.id, r.rel, tables)
+		}
+	}
+	return ranges, nil
+}
+
 // verifyTarget is what one range compares: an original and its shadow,
-// the shadow's columns and the expressions that fill them, and the
-// aggregate that hashes a side of a range.
+// the shadow's columns and the expressions that fill them, and how a side
+// of a range is hashed.
 type verifyTarget struct {
 	src         string // original, as read (ONLY for a table of an inheritance tree)
 	dst         string // shadow, as written
@@ -122,13 +224,113 @@ type verifyTarget struct {
 	selectExprs []string
 	srcRow      []string // the original's row passed through the command, cast to the shadow's types
 	dstRow      []string // the shadow's row
-	agg         string   // count and hash sum: fmt with row, table, alias, condition
+	copyCols    []string // the copy's CTE columns holding the expressions' values (_c1...)
+	copyRow     []string // those, cast to the shadow's types: srcRow as the copy has it
+	colHash     []string // per column: the function hashing it with a seed (fmt: value, seed); "" for the row's record hash
+	kind        string   // which hash ("chain" or "md5"), stored with the copy's checksums
 }
 
-// verifyTargets lists what the ranges' rel index: the table itself (a
+// hashOf is the 64-bit hash of one row (its values, in the shadow's column
+// order). "chain": each column hashed by its type's own extended hash
+// function, seeded with the hash of the columns before it, so a value in
+// another column or row hashes differently; no composite is built per row,
+// which costs several times more than the hashing itself. A NULL hashes as
+// a hash of the seed alone. A type not in chainHash is hashed as a
+// one-column record (14+). "md5": md5 of the row's text (before 14 with
+// such a type, or a column type without a hash function).
+func (vt *verifyTarget) hashOf(row []string) string {
+	switch vt.kind {
+	case "md5":
+		return "('x' || pg_catalog.substr(pg_catalog.md5(ROW(" + strings.Join(row, ", ") + ")::text), 1, 15))::bit(60)::bigint"
+	}
+	h := "0::bigint"
+	for j, v := range row {
+		f := vt.colHash[j]
+		if f == "" {
+			f = "pg_catalog.hash_record_extended(ROW(%s), %s)"
+		}
+		h = fmt.Sprintf("coalesce(%s, pg_catalog.hashint8extended(%s, %d))", fmt.Sprintf(f, v, h), h, j+1)
+	}
+	return h
+}
+
+// aggSQL counts and hash-sums the rows of table (as alias) under cond.
+func (vt *verifyTarget) aggSQL(row []string, table, alias, cond string) string {
+	return "SELECT count(*), " + vt.sumOf(row) + " FROM " + table + " " + alias + cond
+}
+
+// chainHash: the extended hash function of common built-in types (by
+// regtype), as a call with the value and the seed. Other types are hashed
+// as a one-column record (any type with a hash opclass).
+var chainHash = map[string]string{
+	"smallint": "pg_catalog.hashint2extended(%s, %s)", "integer": "pg_catalog.hashint4extended(%s, %s)",
+	"bigint": "pg_catalog.hashint8extended(%s, %s)", "oid": "pg_catalog.hashoidextended(%s, %s)",
+	"text": "pg_catalog.hashtextextended(%s, %s)", "character varying": "pg_catalog.hashtextextended((%s)::text, %s)",
+	"character": "pg_catalog.hashbpcharextended(%s, %s)", "numeric": "pg_catalog.hash_numeric_extended(%s, %s)",
+	"boolean": "pg_catalog.hashint4extended((%s)::integer, %s)", "uuid": "pg_catalog.uuid_hash_extended(%s, %s)",
+	"double precision": "pg_catalog.hashfloat8extended(%s, %s)", "real": "pg_catalog.hashfloat4extended(%s, %s)",
+	"timestamp without time zone": "pg_catalog.timestamp_hash_extended(%s, %s)",
+	"jsonb":                       "pg_catalog.jsonb_hash_extended(%s, %s)",
+}
+
+// sumOf is the sum of the hashes of row, as an integer's text (0 when no row).
+func (vt *verifyTarget) sumOf(row []string) string { return vt.sumOver(row, "") }
+
+// sumOver is sumOf as a window aggregate over window ("": a plain aggregate).
+func (vt *verifyTarget) sumOver(row []string, window string) string {
+	return "coalesce(sum(" + vt.hashOf(row) + ")" + window + ", 0)::text"
+}
+
+// kindArg is the kind as a statement parameter: NULL without checksums.
+func (vt *verifyTarget) kindArg() any {
+	if vt == nil {
+		return nil
+	}
+	return vt.kind
+}
+
+// sumTarget is what the copy checksums rows of table rel with; nil when
+// verify is off (then the copy takes no checksum).
+func (m *migration) sumTarget(rel int) *verifyTarget {
+	if m.sums == nil || rel < 0 || rel >= len(m.sums) {
+		return nil
+	}
+	return &m.sums[rel]
+}
+
+// prepareSums, before the copy: with verify, the hashes the copy's batches
+// checksum their rows with. Without, every stored checksum is forgotten: the
+// delta's apply marks ranges only for verify (markTouched), so a checksum
+// kept through a run without verify could be stale when a continued run
+// verifies.
+func (m *migration) prepareSums(ctx context.Context) error {
+	if !m.verifying() {
+		m.sums = nil
+		if _, err := m.exec(ctx, m.pool, "UPDATE "+m.stateIdent()+" SET src_sum = NULL WHERE src_sum IS NOT NULL"); err != nil {
+			return fmt.Errorf("forget the copy's checksums: %w", err)
+		}
+		return nil
+	}
+	targets, err := m.hashTargets(ctx)
+	if err != nil {
+		return fmt.Errorf("checksums: %w", err)
+	}
+	m.sums = targets
+	return nil
+}
+
+// hashTargets lists what the ranges' rel index: the table itself (a
 // plain or partitioned table, rel 0), or every table of an inheritance
-// tree in treeTables order.
-func (m *migration) verifyTargets(ctx context.Context, ver int) ([]verifyTarget, error) {
+// tree in treeTables order; with how each is hashed, decided once per run
+// (the copy's checksums and verify must hash alike).
+func (m *migration) hashTargets(ctx context.Context) ([]verifyTarget, error) {
+	if m.sums != nil {
+		return m.sums, nil
+	}
+	var ver int
+	if err := m.pool.QueryRow(ctx, "select current_setting('server_version_num')::int").Scan(&ver); err != nil {
+		return nil, fmt.Errorf("server version: %w", err)
+	}
 	p := m.plan
 	var out []verifyTarget
 	if p.inherits() {
@@ -142,31 +344,46 @@ func (m *migration) verifyTargets(ctx context.Context, ver int) ([]verifyTarget,
 	}
 	for i := range out {
 		vt := &out[i]
-		types, err := m.q(ctx, m.pool, `select attname, format_type(atttypid, atttypmod) from pg_attribute
+		types, err := m.q(ctx, m.pool, `select attname, format_type(atttypid, atttypmod), atttypid::regtype::text from pg_attribute
 			where attrelid = $1::regclass and attnum > 0 and not attisdropped`, vt.dst)
 		if err != nil {
 			return nil, fmt.Errorf("column types of %s: %w", vt.dst, err)
 		}
-		typeOf := map[string]string{}
+		typeOf, baseOf := map[string]string{}, map[string]string{}
 		for _, t := range types {
-			typeOf[qi(t[0])] = t[1]
+			typeOf[qi(t[0])], baseOf[qi(t[0])] = t[1], t[2]
 		}
-		vt.srcRow = make([]string, len(vt.insertCols))
-		vt.dstRow = make([]string, len(vt.insertCols))
+		n := len(vt.insertCols)
+		vt.srcRow, vt.dstRow, vt.copyCols, vt.copyRow = make([]string, n), make([]string, n), make([]string, n), make([]string, n)
+		nulls := make([]string, n)
+		vt.colHash = make([]string, n)
 		for j, c := range vt.insertCols {
+			vt.colHash[j] = chainHash[baseOf[c]]
 			vt.srcRow[j] = fmt.Sprintf("(%s)::%s", vt.selectExprs[j], typeOf[c])
 			vt.dstRow[j] = "s." + c
+			vt.copyCols[j] = fmt.Sprintf("_c%d", j+1)
+			vt.copyRow[j] = fmt.Sprintf("(_c%d)::%s", j+1, typeOf[c])
+			nulls[j] = "NULL::" + typeOf[c]
 		}
-		// A 64-bit hash of each row, summed (as numeric: no overflow).
-		// Hashing the record itself (PostgreSQL 14+) avoids printing every
-		// row as text, which cost several times the copy; 13 falls back to
-		// md5 of the text. Per table: a child may have a column of its own
-		// without a hash function.
-		vt.agg = "SELECT count(*), coalesce(sum(hash_record_extended(ROW(%s), 0)::numeric), 0)::text FROM %s %s%s"
-		probe := fmt.Sprintf("SELECT hash_record_extended(ROW(%s), 0) FROM %s s LIMIT 1", strings.Join(vt.dstRow, ", "), vt.dstRead)
-		if _, err := m.pool.Exec(ctx, probe); ver < 140000 || err != nil {
-			// Before 14, or a column type without a hash function.
-			vt.agg = "SELECT count(*), coalesce(sum(('x' || substr(md5(ROW(%s)::text), 1, 15))::bit(60)::bigint), 0)::text FROM %s %s%s"
+		// A 64-bit hash of each row (hashOf), summed (as numeric: no
+		// overflow). Hashing the values themselves avoids printing every
+		// row as text, which cost several times the copy; md5 of the text
+		// stays the fallback. Per table: a child may have a column of its
+		// own without a hash function. The probe hashes a row of NULLs of
+		// the shadow's types: functions are resolved when the statement is
+		// planned and a record's hash functions looked up per column
+		// whatever the values, so an empty shadow (before the copy) answers
+		// as a full one would.
+		vt.kind = "chain"
+		for _, f := range vt.colHash {
+			if f == "" && ver < 140000 {
+				vt.kind = "md5" // before 14, no hash_record_extended for the other types
+			}
+		}
+		if vt.kind == "chain" {
+			if _, err := m.pool.Exec(ctx, "SELECT "+vt.hashOf(nulls)); err != nil {
+				vt.kind = "md5" // a column type without a hash function
+			}
 		}
 	}
 	return out, nil

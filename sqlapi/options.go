@@ -21,7 +21,7 @@ type jobOptions struct {
 	MaxParallelMaintenanceWorkers *int    `json:"max_parallel_maintenance_workers"`
 	Switch                        string  `json:"switch"`
 	SkipFKValidation              bool    `json:"skip_fk_validation"`
-	Verify                        bool    `json:"verify"`
+	Verify                        *bool   `json:"verify"` // nil (a job queued before verify was on by default): the default
 	VacuumFreeze                  bool    `json:"vacuum_freeze"`
 	PartialMode                   bool    `json:"partial_mode"`
 	CopyDataFilter                *string `json:"copy_data_filter"`
@@ -110,7 +110,10 @@ func Options(j Job) (replicate.Options, error) {
 	}
 	o.SkipFKValidation = jo.SkipFKValidation
 	o.KeepOld = j.KeepOld
-	o.Verify, o.VacuumFreeze, o.PartialMode = jo.Verify, jo.VacuumFreeze, jo.PartialMode
+	if jo.Verify != nil {
+		o.Verify = *jo.Verify
+	}
+	o.VacuumFreeze, o.PartialMode = jo.VacuumFreeze, jo.PartialMode
 	for dst, src := range map[*string]*string{&o.CopyDataFilter: jo.CopyDataFilter,
 		&o.CommandBeforeSwitch: jo.CommandBeforeSwitch, &o.CommandAfterSwitch: jo.CommandAfterSwitch} {
 		if src != nil {

@@ -24,7 +24,7 @@ import (
 const usage = `usage: pg_tat [--help] [-c COMMAND] [-h HOST] [-d DBNAME] [-U USER] [-W PASSWORD] [-p PORT] [--work-mem WORK_MEM] [--maintenance-work-mem MAINTENANCE_WORK_MEM]
               [--max-parallel-maintenance-workers MAX_PARALLEL_MAINTENANCE_WORKERS] [--copy-data-jobs COPY_DATA_JOBS] [--create-index-jobs CREATE_INDEX_JOBS] [--cleanup] [--continue-create-indexes]
               [--no-switch-table] [--continue-switch-table] [--lock-timeout LOCK_TIMEOUT] [--time-between-locks TIME_BETWEEN_LOCKS] [--min-delta-rows MIN_DELTA_ROWS] [--skip-fk-validation]
-              [--show-queries] [--batch-size BATCH_SIZE] [--capture {trigger,logical}] [--verify] [--install]
+              [--show-queries] [--batch-size BATCH_SIZE] [--capture {trigger,logical}] [--verify | --no-verify] [--install]
               [--dry-run] [--copy-data-filter SQL] [--command-before-switch SQL] [--command-after-switch SQL]
               [--echo-queries] [--vacuum-freeze] [--catchup-timeout DURATION] [--keep-old-table DURATION] [--copy-progress-interval SEC] [--version]
               [--partial-mode]
@@ -60,7 +60,8 @@ options:
  --batch-size BATCH_SIZE                  rows per copy batch (default 10000; 0: each copy job copies its
                                           whole range at once, as the original's default)
  --capture CAPTURE     trigger (default) or logical
- --verify              before the switch, prove the shadow equals the transformed table
+ --verify              before the switch, prove the shadow equals the transformed table (the default)
+ --no-verify           skip that proof (saves verify's cost: a read of the shadow, checksums in the copy)
  --install             install or upgrade schema tat (for the tatd sidecar) and exit
  --dry-run             check everything, print the plan and every statement; change nothing
  --copy-data-filter SQL
@@ -150,7 +151,13 @@ func parse(args []string, stderr io.Writer) (*cli, error) {
 	fs.IntVar(&c.batch, "batch-size", d.BatchSize, "")
 	fs.BoolVar(&c.help, "help", false, "")
 	fs.BoolVar(&c.install, "install", false, "")
-	fs.BoolVar(&c.verify, "verify", false, "")
+	// Verify is on by default; both flags set it, the last one given wins.
+	fs.BoolVar(&c.verify, "verify", true, "")
+	fs.BoolFunc("no-verify", "", func(s string) error {
+		v, err := strconv.ParseBool(s)
+		c.verify = !v
+		return err
+	})
 	fs.BoolVar(&c.partial, "partial-mode", false, "")
 	str(&c.filter, "", "copy-data-filter")
 	fs.Var(&c.before, "command-before-switch", "")

@@ -136,6 +136,35 @@ func TestFlags(t *testing.T) {
 	}
 }
 
+// Verify is on by default; --no-verify turns it off, and of the two flags
+// the last one given wins.
+func TestVerifyFlags(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want bool
+	}{
+		{nil, true},
+		{[]string{"--verify"}, true},
+		{[]string{"--no-verify"}, false},
+		{[]string{"--no-verify", "--verify"}, true},
+		{[]string{"--verify", "--no-verify"}, false},
+		{[]string{"--verify=false"}, false},
+	} {
+		var errb bytes.Buffer
+		c, err := parse(append([]string{"-c", "alter table t add column x int"}, tc.args...), &errb)
+		if err != nil {
+			t.Fatalf("%v: %v", tc.args, err)
+		}
+		o, err := c.options()
+		if err != nil {
+			t.Fatalf("%v: %v", tc.args, err)
+		}
+		if o.Verify != tc.want {
+			t.Errorf("%v: verify %v, want %v", tc.args, o.Verify, tc.want)
+		}
+	}
+}
+
 // The original pg_tat's own command lines (its tests/regress/run_test.sh):
 // several -c of one table applied together, --batch-size 0, the src alias
 // of --copy-data-filter, repeated --command-after-switch, --version and

@@ -575,12 +575,14 @@ type Load struct {
 }
 
 // StartLoad starts her writes for a run armed in phase (with arm): in
-// catchup she writes from now until the catch-up starts. Call it before the
-// run starts.
+// catchup she writes from now until the catch-up starts; in verify too:
+// verify evaluates her code only over the ranges her writes touched (the
+// others are checked against the copy's checksums). Call it before the run
+// starts.
 func (h *DB) StartLoad(phase string, arm *Arm) *Load {
 	l := &Load{h: h, phase: phase}
 	l.next.Store(1_000_000)
-	if phase == "catchup" {
+	if phase == "catchup" || phase == "verify" {
 		l.stopWriter = h.writer(&l.next, arm.catchup)
 	}
 	return l
