@@ -343,6 +343,15 @@ func (c *logicalCapture) start(ctx context.Context) (string, error) {
 	started := time.Now()
 	res, err := pglogrepl.CreateReplicationSlot(ctx, repl, c.slot, "pgoutput", pglogrepl.CreateReplicationSlotOptions{
 		Temporary: true, SnapshotAction: "EXPORT_SNAPSHOT", Mode: pglogrepl.LogicalReplication})
+	// "initial slot snapshot too large" (40001): more transactions were in
+	// flight across the cluster than a snapshot can list; a moment later
+	// there are fewer.
+	for try := 1; try <= 5 && isSerializationFailure(err) && ctx.Err() == nil; try++ {
+		m.event(ctx, PhaseCapture, fmt.Sprintf("creating replication slot %s: %v; retrying", c.slot, err))
+		time.Sleep(time.Duration(try) * 200 * time.Millisecond)
+		res, err = pglogrepl.CreateReplicationSlot(ctx, repl, c.slot, "pgoutput", pglogrepl.CreateReplicationSlotOptions{
+			Temporary: true, SnapshotAction: "EXPORT_SNAPSHOT", Mode: pglogrepl.LogicalReplication})
+	}
 	close(waitDone)
 	if err != nil {
 		return "", fmt.Errorf("logical capture: create replication slot %s: %w", c.slot, err)
@@ -1143,4 +1152,10 @@ func (c *logicalCapture) marker(ctx context.Context, db execer) error {
 			return fmt.Errorf("the replication stream did not reach the cut-over marker within %s (%d bytes behind)", logicalSyncTimeout, c.lagBytes())
 		}
 	}
+}
+
+// isSerializationFailure: SQLSTATE 40001.
+func isSerializationFailure(err error) bool {
+	var pe *pgconn.PgError
+	return errors.As(err, &pe) && pe.Code == "40001"
 }

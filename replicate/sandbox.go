@@ -10,6 +10,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -147,6 +148,18 @@ func (m *migration) openSandbox(ctx context.Context) (func(), error) {
 		}
 		_, err := c.Exec(ctx, set)
 		return err
+	}
+	// Her code may change the session's settings for good (RESET ROLE, a
+	// session-level set_config, SET search_path): every session is put
+	// back before it serves the engine again, or dropped. Without this a
+	// session she reset to the login role would fail the engine's next
+	// statement (no right on her tables) — an outage she could cause, not
+	// an escalation (that role has no rights of its own).
+	cfg.AfterRelease = func(c *pgx.Conn) bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_, err := c.Exec(ctx, "RESET ALL; "+set)
+		return err == nil
 	}
 	drop := func() {
 		if sb.mode == modeLogin {
