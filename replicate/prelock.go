@@ -140,18 +140,26 @@ func (m *migration) readSwitch(ctx context.Context, tx pgx.Tx) (*switchReads, er
 	return &switchReads{d: d, partIdx: partIdx}, nil
 }
 
-// readBeforeLock reads for the switch in its transaction, right before the
-// lock requests, fingerprint first. It returns nil when the read
+// readBeforeLock reads for the switch in a transaction of its own, right
+// before the lock requests, fingerprint first. It returns nil when the read
 // fails (an object dropped while it was read, a materialized view changed):
 // the switch then reads under its lock, where a failure is the job's.
 func (m *migration) readBeforeLock(ctx context.Context, lockTx pgx.Tx) *switchReads {
+	// The fingerprint runs again under the lock in the switch's backend:
+	// run there once now, so that it finds its catalog caches warm (a cold
+	// backend took over 100 ms for it). It reads catalogs only: no lock on
+	// the tables that concurrent DDL would wait for.
+	_ = pgx.BeginFunc(ctx, lockTx, func(tx pgx.Tx) error { // a savepoint: a failure aborts nothing
+		if _, err := tx.Exec(ctx, noJIT); err != nil {
+			return err
+		}
+		_, err := m.dependentsFingerprint(ctx, tx)
+		return err
+	})
 	var r *switchReads
-	// In the switch's own transaction, before its LOCK: the same backend
-	// then runs the fingerprint again under the lock with its catalog caches
-	// warm (a cold backend took over 100 ms for it), and a pool of one
-	// connection cannot deadlock. A savepoint keeps a failed read from
-	// aborting the transaction.
-	err := pgx.BeginFunc(ctx, lockTx, func(tx pgx.Tx) error {
+	// The read itself in a transaction of its own: the locks its functions
+	// take (pg_get_viewdef and the like) are released at once.
+	err := pgx.BeginFunc(ctx, m.admin, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, catalogPath+"; "+noJIT); err != nil {
 			return err
 		}
