@@ -177,15 +177,19 @@ type txStarter interface {
 // a UNIQUE or EXCLUDE index built on it would fail although the original
 // never held a duplicate. The delta and the original read under one
 // snapshot make the shadow an exact image of the original at that snapshot.
-// (Logical capture copies under the slot's snapshot: its copy is already
-// consistent and its delta still empty; this is then a no-op.)
+// Logical capture copies under the slot's snapshot: its copy is already an
+// exact image of the original at that snapshot, so it is skipped. (Its
+// delta fills during the copy, from a stream that lags the table: applying
+// it now against the current rows would mix times — a value moved to a row
+// whose change is applied from the row whose change is not streamed yet —
+// and put the very duplicates this pass exists to remove into the shadow.)
 //
 // Without such an index it is skipped: the key itself cannot be duplicated
 // (each key value is copied by the one batch covering it), and the catch-up,
 // which runs after the index builds, applies the delta through them far
 // cheaper than this pass over an unindexed shadow.
 func (m *migration) settleCopy(ctx context.Context) error {
-	if !m.plan.hasUniqueBesidesKey() {
+	if !m.plan.hasUniqueBesidesKey() || m.opts.Capture == CaptureLogical {
 		return nil
 	}
 	n, err := m.applyDelta(ctx, m.pool, 0)
