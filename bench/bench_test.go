@@ -232,7 +232,7 @@ func writerRows() int64 {
 // BenchmarkBulkSwitch: pg_tat with its defaults under the fixed-rate writer,
 // and a bulk transaction (by default 200k rows updated, 50k deleted, as in
 // the original pg_tat's regression test) committed right before the
-// switch's first lock attempt (TestHook point "before-lock"). The switch
+// switch's first lock attempt (TestHook point "dependents-read", after the last catch-up round). The switch
 // must not apply that backlog under its lock.
 func BenchmarkBulkSwitch(b *testing.B) {
 	n := writerRows()
@@ -475,7 +475,7 @@ func runRewrite(b *testing.B, r *result, ws *writerStats) {
 		err = fmt.Errorf("bulk transaction at the switch: %w", r.Bulk.err)
 	}
 	if err == nil && r.Bulk != nil && r.Bulk.committed.IsZero() {
-		err = errors.New("the bulk transaction never ran: no switch reached TestHook point before-lock")
+		err = errors.New("the bulk transaction never ran: no switch reached TestHook point dependents-read")
 	}
 	if err != nil {
 		if r.capture() == "logical" && strings.Contains(err.Error(), "not available") {
@@ -560,7 +560,7 @@ func migrate(ctx context.Context, url string, r *result, rec *recorder, tr *trac
 	if bs := r.Bulk; bs != nil {
 		var once sync.Once
 		opts.TestHook = func(ctx context.Context, point string, _ pgx.Tx) error {
-			if point == "before-lock" {
+			if point == "dependents-read" {
 				once.Do(func() { bs.err = bs.run(ctx, url) })
 			}
 			return nil

@@ -26,10 +26,8 @@ type capture interface {
 	sync(ctx context.Context, tx pgx.Tx) error
 	// presync runs in the cut-over transaction right before its lock
 	// request: it brings the delta up to now, so that sync (under the
-	// lock) has only what arrives in between left to wait for. It says
-	// whether the delta may have grown (then worth applying before the
-	// lock).
-	presync(ctx context.Context, tx pgx.Tx) (bool, error)
+	// lock) has only what arrives in between left to wait for.
+	presync(ctx context.Context, tx pgx.Tx) error
 	// stop releases what capture holds (slot, publication, goroutines).
 	// It is called at the end of every run, successful or not.
 	stop(ctx context.Context) error

@@ -946,15 +946,15 @@ func (c *logicalCapture) sync(ctx context.Context, tx pgx.Tx) error {
 // then only what was written between this and the lock, not whatever the
 // walsender had not decoded yet (the index build's and the catch-up's WAL
 // it must read through, the changes of writers since the catch-up).
-func (c *logicalCapture) presync(ctx context.Context, tx pgx.Tx) (bool, error) {
+func (c *logicalCapture) presync(ctx context.Context, tx pgx.Tx) error {
 	started := time.Now()
 	if err := c.marker(ctx, tx); err != nil {
-		return false, fmt.Errorf("logical capture: stream up to the lock: %w", err)
+		return fmt.Errorf("logical capture: stream up to the lock: %w", err)
 	}
 	if d := time.Since(started); d > 100*time.Millisecond {
 		c.m.event(ctx, PhaseSwitch, fmt.Sprintf("stream consumed up to right before the lock in %s", d.Round(time.Millisecond)))
 	}
-	return true, nil
+	return nil
 }
 
 // stop ends the consumer, closes both connections (the temporary slot goes

@@ -39,7 +39,7 @@ func (c triggerCapture) stop(context.Context) error         { return nil } // th
 func (c triggerCapture) lagBytes() int64                    { return 0 }
 
 // presync: the triggers' keys are in the delta as their transactions commit.
-func (c triggerCapture) presync(context.Context, pgx.Tx) (bool, error) { return false, nil }
+func (c triggerCapture) presync(context.Context, pgx.Tx) error { return nil }
 
 // createDelta creates T__tat_delta: (seq, op, k1..kn). Both capture methods
 // feed it; the applier reads it.

@@ -295,18 +295,27 @@ func (m *migration) applyDeltaSlice(ctx context.Context, tx pgx.Tx, limit int64,
 	}
 	p := m.plan
 	delta := m.deltaIdent()
-	var upto *int64
+	var first, upto *int64
 	var err error
 	if limit > 0 {
-		err = tx.QueryRow(ctx, "SELECT max(seq) FROM (SELECT seq FROM "+delta+" ORDER BY seq LIMIT $1) s", limit).Scan(&upto)
+		err = tx.QueryRow(ctx, "SELECT min(seq), max(seq) FROM (SELECT seq FROM "+delta+" ORDER BY seq LIMIT $1) s", limit).Scan(&first, &upto)
 	} else {
-		err = tx.QueryRow(ctx, "SELECT max(seq) FROM "+delta).Scan(&upto)
+		err = tx.QueryRow(ctx, "SELECT min(seq), max(seq) FROM "+delta).Scan(&first, &upto)
 	}
 	if err != nil {
 		return 0, fmt.Errorf("read delta: %w", err)
 	}
 	if upto == nil {
 		return 0, nil
+	}
+	if *upto-*first < indexPlanSlice {
+		// The delta's statistics are those of when it was analyzed, often
+		// when it was large: a small slice planned as a hash join scans
+		// the whole original and shadow. Seq values are dense, so the span
+		// bounds the slice's size.
+		if _, err := rawTx(tx).Exec(ctx, indexPlans); err != nil {
+			return 0, err
+		}
 	}
 	n := len(p.Key)
 	on := make([]string, n)
@@ -408,6 +417,26 @@ WHERE (%s) IN (SELECT %s FROM %s WHERE seq > $1 AND seq < $2 AND op NOT IN ('T',
 		return 0, fmt.Errorf("apply delta (trim): %w", err)
 	}
 	return tag.RowsAffected(), nil
+}
+
+// indexPlans makes the planner look keys up through indexes (it still
+// scans a table that has no usable one): for a slice of the delta small
+// against the table.
+const indexPlans = "SET LOCAL enable_seqscan = off; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
+
+// indexPlanSlice: a slice spanning fewer delta rows is applied with
+// indexPlans. Above it a hash join may win on a small table; below it the
+// lookups cost at most about a second on this kind of machine, whatever the
+// table's size.
+const indexPlanSlice = 20000
+
+// rawTx is the transaction a restricted one (ownerTx) wraps: planner
+// settings made in a restricted statement end with it.
+func rawTx(tx pgx.Tx) pgx.Tx {
+	if o, ok := tx.(*ownerTx); ok {
+		return o.Tx
+	}
+	return tx
 }
 
 // applyTree is the delta apply of an inheritance tree: each table's keys

@@ -48,18 +48,11 @@ func (m *migration) cutover(ctx context.Context) error {
 		// What the switch must know about the original is read now, right
 		// before the lock, and only proven unchanged under it.
 		pre := m.readBeforeLock(ctx, tx)
-		if err := m.hook(ctx, nil, hookDependentsRead); err != nil {
+		if err := m.settleBeforeLock(ctx, tx); err != nil {
 			return err
 		}
-		// Logical capture: the stream is drained up to now and the delta
-		// applied, so that under the lock only what arrives in these
-		// milliseconds is left to decode and apply.
-		if grew, err := m.capture.presync(ctx, tx); err != nil {
+		if err := m.hook(ctx, nil, hookDependentsRead); err != nil {
 			return err
-		} else if grew {
-			if _, err := m.applyDelta(ctx, m.pool, int64(m.batchSize())*10); err != nil {
-				return err
-			}
 		}
 		if pt := m.plan.Parent; pt != nil {
 			// Dropping a partition and attaching another lock the parent
@@ -111,8 +104,52 @@ func (m *migration) cutover(ctx context.Context) error {
 const hookBeforeLock = "before-lock"
 
 // hookDependentsRead is the TestHook point between the read of the
-// dependents and the lock request (tx is nil): a test changes one there.
+// dependents (and the last catch-up) and the lock request (tx is nil): a
+// test changes a dependent or the table there.
 const hookDependentsRead = "dependents-read"
+
+// settleBeforeLock applies the delta in rounds right before the lock
+// request, each round applying what arrived during the one before, until a
+// round is short. The apply is faster than the writes, so the rounds
+// shrink (geometrically under a steady writer) and the lock is left with
+// what arrives in the last short round and the lock's round trip: about
+// settleTarget of writes, not the hundreds of milliseconds that pass
+// between the catch-up and the lock (matviews, dependents, the blockers'
+// check). Logical capture drains the stream to a marker before each round
+// (presync), or the rounds would only apply what the walsender happened to
+// have decoded. A writer faster than the apply never settles: after
+// settleRounds the switch goes ahead anyway, its budget (deltaWithinBudget)
+// bounding what it may apply under the lock.
+func (m *migration) settleBeforeLock(ctx context.Context, tx pgx.Tx) error {
+	small := max(settleMinRows, m.applyRate.Load()*settleTarget.Microseconds()/1e6)
+	limit := int64(m.batchSize()) * 10
+	deadline := time.Now().Add(settleMaxTime)
+	for round := 0; round < settleRounds && time.Now().Before(deadline); {
+		if err := m.capture.presync(ctx, tx); err != nil {
+			return err
+		}
+		n, err := m.applyDelta(ctx, m.pool, limit)
+		if err != nil {
+			return err
+		}
+		if n <= small {
+			return nil
+		}
+		if n < limit {
+			// A full slice is a backlog (a bulk change just committed),
+			// not a round: it is caught up here, outside the lock.
+			round++
+		}
+	}
+	return nil
+}
+
+const (
+	settleTarget  = 10 * time.Millisecond // of apply, at the measured rate
+	settleMinRows = 100
+	settleRounds  = 6
+	settleMaxTime = time.Minute
+)
 
 // errSwitchPostponed: more changes arrived since the last catch-up than the
 // switch may apply under its lock; it lets go, catches up and tries again,
@@ -201,8 +238,21 @@ func (m *migration) swap(ctx context.Context, tx pgx.Tx, pre *switchReads) (*dep
 	if err := m.deltaWithinBudget(ctx, ftx); err != nil {
 		return nil, err
 	}
-	if _, err := m.applyDeltaSlice(ctx, ftx, 0, false); err != nil {
+	// Under the lock the slice is small (the budget) and the table may be
+	// huge: index lookups whatever the delta's statistics say (they were
+	// taken when it was large; a seq scan of the original here held the
+	// lock for the scan).
+	if _, err := tx.Exec(ctx, indexPlans); err != nil {
+		return nil, err
+	}
+	applyStart := time.Now()
+	n, err := m.applyDeltaSlice(ctx, ftx, 0, false)
+	if err != nil {
 		return nil, fmt.Errorf("final delta: %w", err)
+	}
+	last := fmt.Sprintf("last delta under the lock: %d changes applied in %s", n, time.Since(applyStart).Round(time.Millisecond))
+	if _, err := tx.Exec(ctx, "RESET enable_seqscan; RESET enable_hashjoin; RESET enable_mergejoin"); err != nil {
+		return nil, err
 	}
 	if _, err := tx.Exec(ctx, catalogPath); err != nil {
 		return nil, err
@@ -225,6 +275,7 @@ func (m *migration) swap(ctx context.Context, tx pgx.Tx, pre *switchReads) (*dep
 		}
 	}
 	d, partIdx := reads.d, reads.partIdx
+	d.notes = append(d.notes, last)
 	// Re-create with the session's search_path and, as pg_dump does, without
 	// checking function bodies (they resolve names when called).
 	if _, err := tx.Exec(ctx, "reset search_path; set local check_function_bodies = off"); err != nil {

@@ -64,7 +64,7 @@ func TestHostileSandboxViewSwappedDuringRefresh(t *testing.T) {
 	var once sync.Once
 	o.TestHook = func(ctx context.Context, point string, _ pgx.Tx) error {
 		var err error
-		if point == "before-lock" {
+		if point == "dependents-read" {
 			// A change for the last delta, which runs her USING under the lock.
 			once.Do(func() { _, err = e.pool.Exec(ctx, "update t set v = v + 1 where id <= 5") })
 		}
