@@ -246,3 +246,78 @@ func TestKeepOldRefusesUsing(t *testing.T) {
 	}
 	e.assertNoLeftovers("orders")
 }
+
+// The kept window runs the table owner's code too: a trigger she puts on
+// the kept old table fires in every reverse apply and in the revert's last
+// delta under its lock. It tries every way to become a superuser; it must
+// run as her (in the sandbox, restricted under the lock), and it does run
+// (her log says so), and the revert still brings her table back exactly.
+func TestHostileKeepOldTrigger(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	role := hostileOwner(e)
+	e.exec(`create table public.tc (id int primary key, v int); insert into public.tc select id, v from public.t`)
+	o := opts("alter table t alter column v type bigint")
+	o.KeepOld = time.Hour
+	rep, ctl := &keepRep{}, &keepCtl{}
+	_, errc := startKeep(e, o, rep, ctl)
+	waitKept(t, rep, errc, "kept", func(s replicate.KeepStatus) bool { return s.Outcome == "" })
+	e.exec(`set role "` + role + `";
+		create table public.tlog (at text, cu text, su text);
+		create function public.evil_old() returns trigger language plpgsql as $$
+		begin
+		  insert into public.tlog values (tg_op, current_user, session_user);
+		  begin execute format('alter role %I superuser', '` + role + `'); exception when others then null; end;
+		  begin reset role; execute format('alter role %I superuser', '` + role + `'); exception when others then null; end;
+		  begin perform set_config('role', 'postgres', true); execute format('alter role %I superuser', '` + role + `'); exception when others then null; end;
+		  begin set session authorization postgres; execute format('alter role %I superuser', '` + role + `'); exception when others then null; end;
+		  if tg_op = 'DELETE' then return old; end if;
+		  return new;
+		end $$;
+		create trigger evil before insert or update or delete on public.t__tat_old for each row execute function public.evil_old();
+		reset role`)
+	// Writes on the new table: the reverse apply carries them to the old
+	// one, through her trigger.
+	e.exec("update t set v = v + 5 where id % 7 = 0; update tc set v = v + 5 where id % 7 = 0")
+	e.exec("delete from t where id % 11 = 0; delete from tc where id % 11 = 0")
+	e.exec("insert into t values (5001, 1); insert into tc values (5001, 1)")
+	deadline := time.Now().Add(60 * time.Second)
+	for e.str("select count(*) from t__tat_rdelta") != "0" {
+		if time.Now().After(deadline) {
+			t.Fatal("the reverse delta was not applied")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if e.isSuper(role) {
+		t.Fatal("SECURITY: she became a superuser through her trigger on the kept table (reverse apply)")
+	}
+	if got := e.str("select count(*) from tlog"); got == "0" {
+		t.Fatal("her trigger never fired in the reverse apply: the test proves nothing")
+	}
+	if got := e.str("select string_agg(distinct cu, ',') from tlog"); got != role {
+		t.Fatalf("her trigger ran as %s, want only %s", got, role)
+	}
+	e.assertSame("t__tat_old", "tc", "id, v")
+	// One more change right before the revert's lock: the last delta runs
+	// her trigger under the lock, restricted.
+	e.exec("truncate tlog")
+	e.exec("update t set v = v + 1 where id <= 3; update tc set v = v + 1 where id <= 3")
+	ctl.revert.Store(true)
+	if err := waitRun(t, errc); err != nil {
+		t.Fatal(err)
+	}
+	if e.isSuper(role) {
+		t.Fatal("SECURITY: she became a superuser through her trigger on the kept table (revert)")
+	}
+	if s, _ := rep.status(); s.Outcome != replicate.OutcomeReverted {
+		t.Fatalf("outcome %+v", s)
+	}
+	if got := e.str("select coalesce(string_agg(distinct cu, ','), '') from tlog"); got != role {
+		t.Fatalf("in the revert her trigger ran as %q, want only %s (never: the test proves nothing)", got, role)
+	}
+	if ty := e.str("select format_type(atttypid, atttypmod) from pg_attribute where attrelid = 't'::regclass and attname = 'v'"); ty != "integer" {
+		t.Fatalf("v is %s after the revert", ty)
+	}
+	e.assertSame("t", "tc", "id, v")
+	e.assertNoLeftovers("t")
+}
