@@ -262,9 +262,6 @@ var (
 // last delta applied under the lock is not empty.
 func hostileRun(t *testing.T, v hostileVector, phase string) {
 	hostile.EachCapture(t, "", func(t *testing.T, capture string) {
-		if phase == "verify" && capture == "logical" {
-			t.Skip("verify is skipped under logical capture")
-		}
 		h := newHostileDB(t, true)
 		testpg.Install(t, h.URL)
 		h.MalloryExec(v.setup)

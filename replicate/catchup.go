@@ -308,7 +308,8 @@ func (m *migration) applyDeltaSlice(ctx context.Context, tx pgx.Tx, limit int64,
 	if upto == nil {
 		return 0, nil
 	}
-	if *upto-*first < indexPlanSlice {
+	indexed := *upto-*first < indexPlanSlice
+	if indexed {
 		// The delta's statistics are those of when it was analyzed, often
 		// when it was large: a small slice planned as a hash join scans
 		// the whole original and shadow. Seq values are dense, so the span
@@ -407,6 +408,12 @@ WHERE (%s) IN (SELECT %s FROM %s WHERE seq > $1 AND seq < $2 AND op NOT IN ('T',
 	if err := apply(from, *upto+1); err != nil {
 		return 0, err
 	}
+	if indexed {
+		// Verify goes on in this transaction with whole-table scans.
+		if _, err := rawTx(tx).Exec(ctx, planDefaults); err != nil {
+			return 0, err
+		}
+	}
 	if mark {
 		if err := m.markTouched(ctx, tx, *upto, len(markers) > 0); err != nil {
 			return 0, err
@@ -423,6 +430,9 @@ WHERE (%s) IN (SELECT %s FROM %s WHERE seq > $1 AND seq < $2 AND op NOT IN ('T',
 // scans a table that has no usable one): for a slice of the delta small
 // against the table.
 const indexPlans = "SET LOCAL enable_seqscan = off; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
+
+// planDefaults undoes indexPlans for the statements after the apply.
+const planDefaults = "RESET enable_seqscan; RESET enable_hashjoin; RESET enable_mergejoin"
 
 // indexPlanSlice: a slice spanning fewer delta rows is applied with
 // indexPlans. Above it a hash join may win on a small table; below it the

@@ -305,14 +305,8 @@ func (m *migration) copyData(ctx context.Context) error {
 // slot's exported snapshot under logical capture (so copy and stream are
 // exactly consistent), with work_mem when set.
 func (m *migration) batchTx(ctx context.Context, fn func(pgx.Tx) error) error {
-	return m.batchTxIso(ctx, false, fn)
-}
-
-// batchTxIso is batchTx; with repeatable the batch's statements all read
-// one snapshot (always so with the slot's).
-func (m *migration) batchTxIso(ctx context.Context, repeatable bool, fn func(pgx.Tx) error) error {
 	txo := pgx.TxOptions{}
-	if m.snapshot != "" || repeatable {
+	if m.snapshot != "" {
 		txo.IsoLevel = pgx.RepeatableRead
 	}
 	return pgx.BeginTxFunc(ctx, m.pool, txo, func(tx pgx.Tx) error {
@@ -349,18 +343,7 @@ func (m *migration) copyIntRange(ctx context.Context, r copyRange, kmin, kmax in
 		strings.Join(p.SelectExprs, ", "), m.srcRel(), key)
 	tail := fmt.Sprintf(") INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT * FROM src",
 		m.shadowIdent(), strings.Join(p.InsertCols, ", "))
-	// Plain columns (no USING): the checksum is a second, read-only
-	// statement over the same rows in the same snapshot (the batch is
-	// REPEATABLE READ). Materialising the batch to read it twice cost 80 %
-	// of the copy; reading the rows again, hot in the cache, and hashing
-	// them costs about 25 %. A USING expression may be volatile or
-	// expensive: then the batch is materialised and hashed as inserted.
-	var sumHead, sumTail string
-	if sums != nil && plainExprs(p.SelectExprs) {
-		sumHead = fmt.Sprintf("WITH src AS (SELECT %s FROM %s t WHERE %s > $1::bigint",
-			strings.Join(aliased(p.SelectExprs), ", "), m.srcRel(), key)
-		sumTail = ") SELECT count(*), " + sums.sumOf(sums.copyRow) + " FROM src"
-	} else if sums != nil {
+	if sums != nil {
 		ins = fmt.Sprintf("WITH src AS (SELECT %s FROM %s t WHERE %s > $1::bigint",
 			strings.Join(aliased(p.SelectExprs), ", "), m.srcRel(), key)
 		tail = fmt.Sprintf("), ins AS (INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM src)\nSELECT count(*), %s FROM src",
@@ -391,11 +374,9 @@ func (m *migration) copyIntRange(ctx context.Context, r copyRange, kmin, kmax in
 			return err
 		}
 		sql, args, last := ins+" AND "+key+" <= $2::bigint"+m.filterAnd()+tail, []any{cur, int64(0)}, false
-		sumSQL := sumHead + " AND " + key + " <= $2::bigint" + m.filterAnd() + sumTail
 		if end-cur <= width {
 			if open {
 				sql, args = ins+m.filterAnd()+tail, []any{cur}
-				sumSQL = sumHead + m.filterAnd() + sumTail
 			} else {
 				args[1] = end
 			}
@@ -407,20 +388,9 @@ func (m *migration) copyIntRange(ctx context.Context, r copyRange, kmin, kmax in
 			m.opts.ShowQueries(sql)
 		}
 		var count int64
-		err := m.batchTxIso(ctx, sumHead != "", func(tx pgx.Tx) error {
+		err := m.batchTx(ctx, func(tx pgx.Tx) error {
 			var sum *string
-			if sumHead != "" {
-				tag, err := tx.Exec(ctx, sql, args...)
-				if err != nil {
-					return err
-				}
-				if err := tx.QueryRow(ctx, sumSQL, args...).Scan(&count, &sum); err != nil {
-					return fmt.Errorf("checksum: %w", err)
-				}
-				if count != tag.RowsAffected() {
-					return fmt.Errorf("checksum: %d rows read, %d inserted in the same snapshot", count, tag.RowsAffected())
-				}
-			} else if sums != nil {
+			if sums != nil {
 				if err := tx.QueryRow(ctx, sql, args...).Scan(&count, &sum); err != nil {
 					return err
 				}
@@ -458,17 +428,6 @@ func (m *migration) copyIntRange(ctx context.Context, r copyRange, kmin, kmax in
 // verify takes as unknown.
 func sumsSet(sum, kind int) string {
 	return fmt.Sprintf("src_sum = CASE WHEN $%[2]d::text IS NOT NULL AND coalesce(src_hash, $%[2]d::text) = $%[2]d::text THEN src_sum + $%[1]d::numeric END, src_hash = $%[2]d::text", sum, kind)
-}
-
-// plainExprs: every copy expression is a column of the original (no
-// USING), so reading the rows twice gives the same values.
-func plainExprs(exprs []string) bool {
-	for _, e := range exprs {
-		if !strings.HasPrefix(e, "t.") {
-			return false
-		}
-	}
-	return true
 }
 
 // aliased names the copy's expressions _c1, _c2...: what the checksum reads.

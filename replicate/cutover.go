@@ -251,7 +251,7 @@ func (m *migration) swap(ctx context.Context, tx pgx.Tx, pre *switchReads) (*dep
 		return nil, fmt.Errorf("final delta: %w", err)
 	}
 	last := fmt.Sprintf("last delta under the lock: %d changes applied in %s", n, time.Since(applyStart).Round(time.Millisecond))
-	if _, err := tx.Exec(ctx, "RESET enable_seqscan; RESET enable_hashjoin; RESET enable_mergejoin"); err != nil {
+	if _, err := tx.Exec(ctx, planDefaults); err != nil {
 		return nil, err
 	}
 	if _, err := tx.Exec(ctx, catalogPath); err != nil {
