@@ -92,10 +92,14 @@ func TestPauseSetResume(t *testing.T) {
 	paused := time.Now()
 	waitLive(t, c, id, 5*time.Second, "paused", func(l live) bool { return l.state == "paused" })
 	t.Logf("paused %v after tat.pause", time.Since(paused))
-	time.Sleep(1500 * time.Millisecond) // the last progress sample of the copy is written
-	before := progressOf(t, c, id)
+	// The copy's last progress sample reaches tat.status within a progress
+	// interval or so (later on a loaded machine): wait for it to show
+	// every row the shadow holds.
 	var shadowBefore int64
-	_ = c.QueryRow(ctx, "select count(*) from big__tat_new").Scan(&shadowBefore)
+	before := waitLive(t, c, id, 30*time.Second, "the last progress sample", func(l live) bool {
+		_ = c.QueryRow(ctx, "select count(*) from big__tat_new").Scan(&shadowBefore)
+		return l.copied == shadowBefore
+	})
 	time.Sleep(2 * time.Second)
 	after := progressOf(t, c, id)
 	var shadowAfter int64

@@ -934,7 +934,16 @@ func (m *migration) streamErr() error {
 func (c *logicalCapture) sync(ctx context.Context, tx pgx.Tx) error {
 	m := c.m
 	started := time.Now()
-	if err := c.marker(ctx, tx); err != nil {
+	// Under the lock the wait is bounded like the last delta: a large
+	// transaction committed right before the lock request (a bulk change)
+	// takes the walsender as long to decode as it is large, and writers
+	// would wait for it. Past lock_timeout (at least 100 ms) the switch
+	// lets go; the next attempt's settle rounds decode it outside the lock.
+	limit := max(m.lockTimeout(), 100*time.Millisecond)
+	if err := c.markerWithin(ctx, tx, limit); errors.Is(err, errMarkerLate) {
+		return fmt.Errorf("%w: the replication stream was still %d bytes behind the lock after %s; catching up outside the lock first",
+			errSwitchPostponed, c.lagBytes(), limit)
+	} else if err != nil {
 		return err
 	}
 	m.event(ctx, PhaseSwitch, fmt.Sprintf("stream consumed up to the cut-over marker in %s", time.Since(started).Round(time.Millisecond)))
@@ -1110,6 +1119,15 @@ func cleanupLogical(ctx context.Context, m *migration, pool *pgxpool.Pool, schem
 // waits, up to logicalSyncTimeout, until the consumer has decoded it and
 // committed every key before it.
 func (c *logicalCapture) marker(ctx context.Context, db execer) error {
+	return c.markerWithin(ctx, db, logicalSyncTimeout)
+}
+
+// errMarkerLate: the stream did not reach the marker within the wait given.
+var errMarkerLate = errors.New("the replication stream did not reach the marker in time")
+
+// markerWithin is marker, waiting up to limit: errMarkerLate past limit
+// (under logicalSyncTimeout), the stream's error past logicalSyncTimeout.
+func (c *logicalCapture) markerWithin(ctx context.Context, db execer, limit time.Duration) error {
 	m := c.m
 	if c.done == nil {
 		return errors.New("logical capture is not streaming")
@@ -1129,7 +1147,7 @@ func (c *logicalCapture) marker(ctx context.Context, db execer) error {
 		c.flushNow.Store(true)
 		_ = c.repl.Conn().SetReadDeadline(time.Now())
 	}
-	timer := time.NewTimer(logicalSyncTimeout)
+	timer := time.NewTimer(limit)
 	defer timer.Stop()
 	for {
 		c.mu.Lock()
@@ -1149,6 +1167,9 @@ func (c *logicalCapture) marker(ctx context.Context, db execer) error {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-timer.C:
+			if limit < logicalSyncTimeout {
+				return errMarkerLate
+			}
 			return fmt.Errorf("the replication stream did not reach the cut-over marker within %s (%d bytes behind)", logicalSyncTimeout, c.lagBytes())
 		}
 	}

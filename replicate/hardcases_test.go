@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -17,6 +18,34 @@ type reporterFunc func(phase, msg string)
 
 func (f reporterFunc) Event(_ context.Context, phase, msg string) { f(phase, msg) }
 func (reporterFunc) Progress(context.Context, replicate.Progress) {}
+
+// eventLog collects a run's events (the engine reports from several
+// goroutines).
+type eventLog struct {
+	mu  sync.Mutex
+	all []string
+}
+
+func (l *eventLog) Event(_ context.Context, _, msg string) {
+	l.mu.Lock()
+	l.all = append(l.all, msg)
+	l.mu.Unlock()
+}
+
+func (*eventLog) Progress(context.Context, replicate.Progress) {}
+
+// String is every event so far, one per line.
+func (l *eventLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return strings.Join(l.all, "\n")
+}
+
+func (l *eventLog) reset() {
+	l.mu.Lock()
+	l.all = nil
+	l.mu.Unlock()
+}
 
 // An interrupted copy continues from its checkpoint.
 func TestCopyResumesAfterInterruption(t *testing.T) {

@@ -127,18 +127,14 @@ func TestTreeDependentsChangedBeforeLock(t *testing.T) {
 		}
 		return nil
 	}
-	var mu sync.Mutex
-	var events []string
-	rep := reporterFunc(func(_, msg string) { mu.Lock(); events = append(events, msg); mu.Unlock() })
+	rep := &eventLog{}
 	if err := runWith(e, o, rep); err != nil {
 		t.Fatal(err)
 	}
 	if hookErr != nil {
 		t.Fatal(hookErr)
 	}
-	mu.Lock()
-	joined := strings.Join(events, "\n")
-	mu.Unlock()
+	joined := rep.String()
 	if !strings.Contains(joined, "reading them again under it") {
 		t.Fatalf("the change between the read and the lock went unnoticed:\n%s", joined)
 	}

@@ -63,18 +63,14 @@ func testSwitchBudget(t *testing.T, rows int, bulk string, bound time.Duration) 
 				}
 				return nil
 			}
-			var mu sync.Mutex
-			var events []string
-			rep := reporterFunc(func(phase, msg string) { mu.Lock(); events = append(events, msg); mu.Unlock() })
+			rep := &eventLog{}
 			if err := runWith(e, o, rep); err != nil {
 				t.Fatal(err)
 			}
 			if hookErr != nil {
 				t.Fatal(hookErr)
 			}
-			mu.Lock()
-			joined := strings.Join(events, "\n")
-			mu.Unlock()
+			joined := rep.String()
 			if !strings.Contains(joined, "switch postponed") {
 				t.Fatalf("the bulk change was applied under the lock, not postponed:\n%s", joined)
 			}
@@ -158,18 +154,14 @@ func TestSwitchLastDeltaByIndex(t *testing.T) {
 				}
 				return nil
 			}
-			var mu sync.Mutex
-			var events []string
-			rep := reporterFunc(func(phase, msg string) { mu.Lock(); events = append(events, msg); mu.Unlock() })
+			rep := &eventLog{}
 			if err := runWith(e, o, rep); err != nil {
 				t.Fatal(err)
 			}
 			if hookErr != nil {
 				t.Fatal(hookErr)
 			}
-			mu.Lock()
-			joined := strings.Join(events, "\n")
-			mu.Unlock()
+			joined := rep.String()
 			last := regexp.MustCompile(`last delta under the lock: (\d+) changes`).FindStringSubmatch(joined)
 			if last == nil || last[1] == "0" {
 				t.Fatalf("the switch applied no delta under its lock (the test proves nothing):\n%s", joined)

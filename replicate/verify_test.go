@@ -38,18 +38,14 @@ func TestVerifyFindsCorruption(t *testing.T) {
 				}
 				return err
 			}
-			var events []string
-			var mu sync.Mutex
-			rep := reporterFunc(func(phase, msg string) { mu.Lock(); events = append(events, phase+": "+msg); mu.Unlock() })
+			rep := &eventLog{}
 			o.StopBeforeSwitch = true
 			err := runWith(e, o, rep)
 			w.Stop(t)
 			if err != nil {
 				t.Fatal(err)
 			}
-			mu.Lock()
-			joined := strings.Join(events, "\n")
-			mu.Unlock()
+			joined := rep.String()
 			if !strings.Contains(joined, "differs") || !strings.Contains(joined, "verified equal") || !strings.Contains(joined, c.how) {
 				t.Fatalf("verify did not find and fix the corruption (%s):\n%s", c.how, joined)
 			}
@@ -253,10 +249,8 @@ func TestVerifyLogicalUnderWriter(t *testing.T) {
 		}
 		return nil
 	}
-	var events []string
-	var mu sync.Mutex
-	rep := reporterFunc(func(phase, msg string) { mu.Lock(); events = append(events, phase+": "+msg); mu.Unlock() })
-	joined := func() string { mu.Lock(); defer mu.Unlock(); return strings.Join(events, "\n") }
+	rep := &eventLog{}
+	joined := rep.String
 	// First run: writers all along, no corruption.
 	o.StopBeforeSwitch = true
 	if err := runWith(e, o, rep); err != nil {
@@ -277,9 +271,7 @@ func TestVerifyLogicalUnderWriter(t *testing.T) {
 		t.Fatalf("no change streamed after the snapshot under three writers (the test proves nothing):\n%s", first)
 	}
 	// Second run: the corruption is found and recopied.
-	mu.Lock()
-	events = nil
-	mu.Unlock()
+	rep.reset()
 	o.Continue = true
 	if err := runWith(e, o, rep); err != nil {
 		w.Stop(t)
