@@ -382,3 +382,60 @@ func TestKill9DuringCapture(t *testing.T) {
 		t.Error("the second attempt did not start over")
 	}
 }
+
+// kill -9 of tatd in the kept window (keep_old): writes go on on the new
+// table while no tatd runs (the reverse capture is a trigger: its delta
+// persists); a new tatd resumes the reverse sync, and tat.revert brings the
+// old table back under its name with every write and its old type.
+func TestKill9InKeptWindow(t *testing.T) {
+	t.Parallel()
+	url, c := crashDB(t, []string{"big"}, 50000)
+	withControl(t, c, "big")
+	first := startTatd(t, url)
+	stop := writer(t, url, "big", 50000)
+	var id int64
+	if err := c.QueryRow(context.Background(), `select tat.alter('alter table big alter column v type bigint', keep_old => interval '1 hour')`).Scan(&id); err != nil {
+		t.Fatal(err)
+	}
+	j := waitJob(t, c, id, 120*time.Second, "kept", func(j job) bool { return j.state == "kept" || finished(j) })
+	if j.state != "kept" {
+		t.Fatalf("the old table was not kept: %+v", j)
+	}
+	if n := stop(); n == 0 {
+		t.Fatal("the writer wrote nothing")
+	}
+	first.signal(t, syscall.SIGKILL, 5*time.Second)
+	someWrites(t, c, "big", 300) // no tatd: they wait in the reverse delta
+	var pending int64
+	if err := c.QueryRow(context.Background(), "select count(*) from big__tat_rdelta").Scan(&pending); err != nil || pending == 0 {
+		t.Fatalf("no reverse delta while no tatd ran: %d (%v)", pending, err)
+	}
+	startTatd(t, url)
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		if err := c.QueryRow(context.Background(), "select count(*) from big__tat_rdelta").Scan(&pending); err != nil {
+			t.Fatal(err)
+		}
+		if pending == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the new tatd did not resume the reverse sync: %d changes pending; %+v", pending, jobOf(t, c, id))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	someWrites(t, c, "big", 100)
+	mustExec(t, c, "select tat.revert($1)", id)
+	j = waitJob(t, c, id, 120*time.Second, "reverted", func(j job) bool { return j.state == "reverted" || finished(j) })
+	if j.state != "reverted" {
+		t.Fatalf("revert after the takeover: %+v", j)
+	}
+	if digest(t, c, "big") != digest(t, c, "ctl") {
+		t.Fatal("after the revert big differs from the control")
+	}
+	var typ string
+	if err := c.QueryRow(context.Background(), "select format_type(atttypid, atttypmod) from pg_attribute where attrelid = 'big'::regclass and attname = 'v'").Scan(&typ); err != nil || typ != "integer" {
+		t.Fatalf("big.v is %q after the revert (%v)", typ, err)
+	}
+	waitNoLeftovers(t, c)
+}
