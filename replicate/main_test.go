@@ -147,7 +147,11 @@ func (e *env) assertSame(table, control, cols string) {
 		union all
 		(select %[3]s from %[2]s except all select %[3]s from %[1]s)) d`, table, control, cols))
 	if diff != "0" {
-		e.t.Fatalf("%s differs from %s in %s rows", table, control, diff)
+		rows := e.str(fmt.Sprintf(`select coalesce(string_agg(side || ' ' || r, E'\n'), '') from (
+			(select 'table', a::text from (select %[3]s from %[1]s except all select %[3]s from %[2]s) a)
+			union all
+			(select 'control', b::text from (select %[3]s from %[2]s except all select %[3]s from %[1]s) b) limit 10) d(side, r)`, table, control, cols))
+		e.t.Fatalf("%s differs from %s in %s rows:\n%s", table, control, diff, rows)
 	}
 	n := e.str("select count(*) from " + table)
 	if n == "0" {
