@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -500,6 +501,14 @@ type keyBatch struct {
 	ops  []string
 	rels []*string   // the truncated partition of a 'P' marker, else NULL
 	keys [][]*string // per key column
+	xids []uint32    // the transactions that made the changes (waitVisible)
+}
+
+// from notes the transaction of the changes added last.
+func (b *keyBatch) from(xid uint32) {
+	if n := len(b.xids); len(b.ops) > 0 && (n == 0 || b.xids[n-1] != xid) {
+		b.xids = append(b.xids, xid)
+	}
 }
 
 func (b *keyBatch) add(op string, key []string) {
@@ -532,6 +541,7 @@ func (b *keyBatch) addIn(op string, key []string, rel uint32) {
 func (b *keyBatch) reset() {
 	b.ops = b.ops[:0]
 	b.rels = b.rels[:0]
+	b.xids = b.xids[:0]
 	for i := range b.keys {
 		b.keys[i] = b.keys[i][:0]
 	}
@@ -560,6 +570,7 @@ type decoder struct {
 	keyIdx  map[uint32][]int
 	batch   keyBatch
 	inTxn   bool
+	xid     uint32        // the transaction being decoded
 	commit  pglogrepl.LSN // end of the last decoded transaction
 	marker  string        // a cut-over marker decoded in the last message
 	prefix  string        // tokens of this run start with it
@@ -588,10 +599,11 @@ func (d *decoder) handle(walData []byte) error {
 	}
 	switch msg := msg.(type) {
 	case *pglogrepl.BeginMessage:
-		d.inTxn = true
+		d.inTxn, d.xid = true, msg.Xid
 	case *pglogrepl.CommitMessage:
 		d.inTxn = false
 		d.commit = msg.TransactionEndLSN
+		d.batch.from(d.xid)
 	case *pglogrepl.RelationMessage:
 		// Relation messages repeat mid-stream (after an invalidation): key
 		// by OID, never by name.
@@ -761,6 +773,12 @@ func (c *logicalCapture) consume(ctx context.Context) error {
 
 	flush := func() error {
 		if len(d.batch.ops) > 0 {
+			if d.inTxn { // a flush in the middle of a large transaction
+				d.batch.from(d.xid)
+			}
+			if err := c.waitVisible(ctx, d.batch.xids); err != nil {
+				return err
+			}
 			args := []any{d.batch.ops, d.batch.rels}
 			for _, k := range d.batch.keys {
 				args = append(args, k)
@@ -870,6 +888,87 @@ func (c *logicalCapture) consume(ctx context.Context) error {
 			sent = acked
 		}
 	}
+}
+
+// visibleWait is how long waitVisible waits before it says so in an event.
+const visibleWait = 5 * time.Second
+
+// waitVisible waits until every transaction in xids is visible to a new
+// snapshot, before their keys go into the delta. The delta holds keys
+// only: the apply re-reads each key's row from the original, in a snapshot
+// that sees the delta row. A transaction is decoded once its commit record
+// is flushed, but it becomes visible to other sessions only when it leaves
+// the proc array, a moment later (much later when it waits for a
+// synchronous standby, which happens in between): a key put in the delta
+// in that moment would be re-read without its change and trimmed, and the
+// change lost. Once a snapshot sees a transaction, every later one does,
+// so a snapshot taken after this wait, as the apply's is (it sees the
+// delta rows inserted after it), sees the changes.
+func (c *logicalCapture) waitVisible(ctx context.Context, xids []uint32) error {
+	start, pause, told := time.Now(), time.Millisecond, false
+	for {
+		var snap string
+		if err := c.data.QueryRow(ctx, "SELECT pg_current_snapshot()::text").Scan(&snap); err != nil {
+			return fmt.Errorf("snapshot for the decoded transactions: %w", err)
+		}
+		pending, err := notVisible(snap, xids)
+		if err != nil {
+			return err
+		}
+		if pending == 0 {
+			return nil
+		}
+		if !told && time.Since(start) > visibleWait {
+			told = true
+			c.m.event(ctx, c.m.currentPhase(), fmt.Sprintf("logical capture: waiting for %d decoded transaction(s) to become visible "+
+				"(committed in the WAL but not ended yet: a synchronous standby that does not answer?)", pending))
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(pause):
+		}
+		pause = min(2*pause, 50*time.Millisecond)
+	}
+}
+
+// notVisible counts the transactions of xids (32-bit, as pgoutput sends
+// them) that snap (pg_current_snapshot's text, xmin:xmax:xip,...) sees
+// as in progress. A 32-bit xid is taken in the epoch that puts it nearest
+// to xmax.
+func notVisible(snap string, xids []uint32) (int, error) {
+	parts := strings.SplitN(snap, ":", 3)
+	if len(parts) != 3 {
+		return 0, fmt.Errorf("snapshot %q: not xmin:xmax:xip", snap)
+	}
+	xmax, err := strconv.ParseUint(parts[1], 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("snapshot %q: %w", snap, err)
+	}
+	inProgress := map[uint64]bool{}
+	if parts[2] != "" {
+		for _, x := range strings.Split(parts[2], ",") {
+			v, err := strconv.ParseUint(x, 10, 64)
+			if err != nil {
+				return 0, fmt.Errorf("snapshot %q: %w", snap, err)
+			}
+			inProgress[v] = true
+		}
+	}
+	n := 0
+	for _, x := range xids {
+		full := int64(xmax&^0xffffffff | uint64(x))
+		switch d := full - int64(xmax); {
+		case d > 1<<31:
+			full -= 1 << 32
+		case d < -(1 << 31):
+			full += 1 << 32
+		}
+		if full >= int64(xmax) || inProgress[uint64(full)] {
+			n++
+		}
+	}
+	return n, nil
 }
 
 // flushWAL makes the server flush its WAL up to now, so that a

@@ -1,6 +1,7 @@
 package replicate
 
 import (
+	"fmt"
 	"reflect"
 	"strings"
 	"testing"
@@ -64,5 +65,34 @@ func TestRangeCondPrefix(t *testing.T) {
 	}
 	if w, _ := rangeCond(keys, types, nil, []string{"1"}); !strings.HasPrefix(w, ` WHERE (t."a") <=`) {
 		t.Errorf("open below: %s", w)
+	}
+}
+
+// notVisible reads pg_current_snapshot's text and maps pgoutput's 32-bit
+// xids into its epoch, also across a wraparound of the 32-bit counter.
+func TestNotVisible(t *testing.T) {
+	const e1 = uint64(1) << 32 // epoch 1
+	cases := []struct {
+		snap string
+		xids []uint32
+		want int
+	}{
+		{"100:105:101,103", []uint32{99, 100, 102, 104}, 0},
+		{"100:105:101,103", []uint32{101}, 1},
+		{"100:105:101,103", []uint32{103, 105, 110}, 3}, // in progress, and not ended yet (>= xmax)
+		{"100:100:", []uint32{99, 100}, 1},
+		// xmax just past a wraparound: 4294967290 is from epoch 0, seen.
+		{fmt.Sprintf("%d:%d:", e1+2, e1+5), []uint32{4294967290, 3}, 0},
+		{fmt.Sprintf("%d:%d:%d", e1-6, e1+5, e1-6), []uint32{4294967290}, 1},
+		{fmt.Sprintf("%d:%d:", e1-6, e1-6), []uint32{2}, 1}, // epoch 1, not ended yet
+	}
+	for _, c := range cases {
+		got, err := notVisible(c.snap, c.xids)
+		if err != nil || got != c.want {
+			t.Errorf("notVisible(%q, %v) = %d, %v; want %d", c.snap, c.xids, got, err, c.want)
+		}
+	}
+	if _, err := notVisible("garbage", nil); err == nil {
+		t.Error("no error for a malformed snapshot")
 	}
 }

@@ -8,7 +8,6 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/pgtat/pg_tat/internal/testpg"
 	"github.com/pgtat/pg_tat/replicate"
 )
 
@@ -27,13 +26,7 @@ func TestIntegrityServerCrash(t *testing.T) {
 			if capture == replicate.CaptureLogical {
 				needsLogical(t)
 			}
-			c, err := testpg.Start(nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(c.Stop)
-			url := testpg.NewDBOn(t, c.URL)
-			e := &env{t: t, url: url, pool: testpg.Pool(t, url)}
+			e, c := newClusterEnv(t, nil)
 			e.seed("orders", "control", 6000)
 			sum := func() string {
 				return e.str("select md5(string_agg(id::text || v || n, ',' order by id)) from orders")
@@ -60,7 +53,7 @@ func TestIntegrityServerCrash(t *testing.T) {
 					}
 				}
 			}
-			err = replicate.Run(ctx, e.pool, o, replicate.NopReporter{}, nil)
+			err := replicate.Run(ctx, e.pool, o, replicate.NopReporter{}, nil)
 			if !crashed.Load() {
 				t.Fatalf("no crash during the copy (%d batches): %v", batches.Load(), err)
 			}

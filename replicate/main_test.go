@@ -31,6 +31,19 @@ func newEnv(t *testing.T) *env {
 	return &env{t: t, url: url, pool: testpg.Pool(t, url)}
 }
 
+// newClusterEnv starts a cluster of the test's own (settings over
+// testpg's defaults), stopped when the test ends, and a database on it.
+func newClusterEnv(t *testing.T, settings map[string]string) (*env, *testpg.Cluster) {
+	t.Helper()
+	c, err := testpg.Start(settings)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Stop)
+	url := testpg.NewDBOn(t, c.URL)
+	return &env{t: t, url: url, pool: testpg.Pool(t, url)}, c
+}
+
 func (e *env) exec(sql string, args ...any) {
 	e.t.Helper()
 	if _, err := e.pool.Exec(context.Background(), sql, args...); err != nil {
