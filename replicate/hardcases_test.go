@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+
 	"github.com/pgtat/pg_tat/replicate"
 )
 
@@ -18,6 +20,34 @@ type reporterFunc func(phase, msg string)
 
 func (f reporterFunc) Event(_ context.Context, phase, msg string) { f(phase, msg) }
 func (reporterFunc) Progress(context.Context, replicate.Progress) {}
+
+// onceAt is a TestHook running fn the first time the run reaches point
+// (on the engine's goroutine, where t.Fatal must not be called); check
+// fails the test when it never ran or failed.
+type onceAt struct {
+	point string
+	fn    func(ctx context.Context) error
+	once  sync.Once
+	ran   atomic.Bool
+	err   error
+}
+
+func (h *onceAt) hook(ctx context.Context, point string, _ pgx.Tx) error {
+	if point == h.point {
+		h.once.Do(func() { h.err = h.fn(ctx); h.ran.Store(true) })
+	}
+	return nil
+}
+
+func (h *onceAt) check(t *testing.T) {
+	t.Helper()
+	if !h.ran.Load() {
+		t.Fatalf("the run never reached hook point %s: the test did not test what it should", h.point)
+	}
+	if h.err != nil {
+		t.Fatalf("at %s: %v", h.point, h.err)
+	}
+}
 
 // eventLog collects a run's events (the engine reports from several
 // goroutines).

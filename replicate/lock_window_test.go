@@ -9,8 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-
 	"github.com/pgtat/pg_tat/internal/testpg"
 )
 
@@ -112,28 +110,21 @@ func TestTreeDependentsChangedBeforeLock(t *testing.T) {
 		create view m_v as select id, n from m;
 		comment on table m_p1 is 'old';
 		insert into m select g, g, 'x' from generate_series(0, 199) g`)
-	var once sync.Once
-	var hookErr error
 	o := opts("alter table m alter column n type bigint")
-	o.TestHook = func(ctx context.Context, point string, _ pgx.Tx) error {
-		if point == "dependents-read" {
-			once.Do(func() {
-				_, hookErr = e.pool.Exec(ctx, `comment on table m_p0 is 'late';
-					comment on table m_p1 is 'changed';
-					create view m_w as select id from m_p1;
-					drop view m_v;
-					grant select on m_p0 to public`)
-			})
-		}
-		return nil
-	}
+	late := &onceAt{point: "dependents-read", fn: func(ctx context.Context) error {
+		_, err := e.pool.Exec(ctx, `comment on table m_p0 is 'late';
+			comment on table m_p1 is 'changed';
+			create view m_w as select id from m_p1;
+			drop view m_v;
+			grant select on m_p0 to public`)
+		return err
+	}}
+	o.TestHook = late.hook
 	rep := &eventLog{}
 	if err := runWith(e, o, rep); err != nil {
 		t.Fatal(err)
 	}
-	if hookErr != nil {
-		t.Fatal(hookErr)
-	}
+	late.check(t)
 	joined := rep.String()
 	if !strings.Contains(joined, "reading them again under it") {
 		t.Fatalf("the change between the read and the lock went unnoticed:\n%s", joined)

@@ -50,26 +50,18 @@ func testSwitchBudget(t *testing.T, rows int, bulk string, bound time.Duration) 
 			e := newEnv(t)
 			e.seed("orders", "control", rows)
 			o := captureOpts(capture, "alter table orders alter column n type bigint using n * 2")
-			var once sync.Once
-			var hookErr error
-			o.TestHook = func(ctx context.Context, point string, _ pgx.Tx) error {
-				if point == "dependents-read" {
-					once.Do(func() {
-						hookErr = pgx.BeginFunc(ctx, e.pool, func(tx pgx.Tx) error {
-							_, err := tx.Exec(ctx, bulk)
-							return err
-						})
-					})
-				}
-				return nil
-			}
+			late := &onceAt{point: "dependents-read", fn: func(ctx context.Context) error {
+				return pgx.BeginFunc(ctx, e.pool, func(tx pgx.Tx) error {
+					_, err := tx.Exec(ctx, bulk)
+					return err
+				})
+			}}
+			o.TestHook = late.hook
 			rep := &eventLog{}
 			if err := runWith(e, o, rep); err != nil {
 				t.Fatal(err)
 			}
-			if hookErr != nil {
-				t.Fatal(hookErr)
-			}
+			late.check(t)
 			joined := rep.String()
 			if !strings.Contains(joined, "switch postponed") {
 				t.Fatalf("the bulk change was applied under the lock, not postponed:\n%s", joined)
