@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/big"
 	"strings"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 )
@@ -55,7 +56,7 @@ func (m *migration) verify(ctx context.Context) error {
 		if err := m.hold(ctx); err != nil {
 			return err
 		}
-		var bad, total, rehashed, wholeTables int
+		var bad, total, rehashed, wholeTables, apart int
 		err := pgx.BeginTxFunc(ctx, m.pool, pgx.TxOptions{IsoLevel: pgx.RepeatableRead}, func(tx pgx.Tx) error {
 			// Each scan is one simple expression over every row: JIT
 			// compiling it (in the leader and each worker) cost more than
@@ -82,6 +83,7 @@ func (m *migration) verify(ctx context.Context) error {
 				return err
 			}
 			total = len(ranges)
+			share := "" // S's snapshot, exported for hashBoth
 			for rel, vt := range targets {
 				if err := m.hook(ctx, tx, "verify"); err != nil {
 					return err
@@ -111,39 +113,46 @@ func (m *migration) verify(ctx context.Context) error {
 					rehashed++
 					return nil
 				}
+				var dn int64
+				var dh string
 				if whole {
+					wholeTables++
+					if share == "" {
+						if share, err = exportSnapshot(ctx, tx); err != nil {
+							return err
+						}
+					}
 					var sum string
-					if err := tx.QueryRow(ctx, vt.aggSQL(vt.srcRow, vt.src, "t", m.filterWhere(""))).Scan(&srcN, &sum); err != nil {
-						return fmt.Errorf("hash the original %s: %w", vt.src, err)
+					srcSQL := vt.aggSQL(vt.srcRow, vt.src, "t", m.filterWhere(""))
+					dstSQL := vt.aggSQL(vt.dstRow, vt.dstRead, "s", "")
+					var together bool
+					if srcN, sum, dn, dh, together, err = m.hashBoth(ctx, tx, share, srcSQL, dstSQL); err != nil {
+						return fmt.Errorf("hash %s and its shadow: %w", vt.src, err)
 					}
 					if _, ok := srcSum.SetString(sum, 10); !ok {
 						return fmt.Errorf("checksum of %s: %q is not an integer", vt.src, sum)
 					}
-				}
-				if whole {
-					wholeTables++
-				}
-				for _, r := range rs {
-					if whole {
-						break
+					if !together {
+						apart++
 					}
-					if !r.trusted(vt.kind) {
-						if err := hashRange(r); err != nil {
-							return err
+				} else {
+					for _, r := range rs {
+						if !r.trusted(vt.kind) {
+							if err := hashRange(r); err != nil {
+								return err
+							}
 						}
+						v, ok := new(big.Int).SetString(r.sum, 10)
+						if !ok {
+							return fmt.Errorf("checksum of range %d: %q is not an integer", r.id, r.sum)
+						}
+						srcN += r.n
+						srcSum.Add(srcSum, v)
 					}
-					v, ok := new(big.Int).SetString(r.sum, 10)
-					if !ok {
-						return fmt.Errorf("checksum of range %d: %q is not an integer", r.id, r.sum)
+					// The shadow's side: the whole table in one scan.
+					if err := tx.QueryRow(ctx, vt.aggSQL(vt.dstRow, vt.dstRead, "s", "")).Scan(&dn, &dh); err != nil {
+						return fmt.Errorf("hash the shadow %s: %w", vt.dst, err)
 					}
-					srcN += r.n
-					srcSum.Add(srcSum, v)
-				}
-				// The shadow's side: the whole table in one scan.
-				var dn int64
-				var dh string
-				if err := tx.QueryRow(ctx, vt.aggSQL(vt.dstRow, vt.dstRead, "s", "")).Scan(&dn, &dh); err != nil {
-					return fmt.Errorf("hash the shadow %s: %w", vt.dst, err)
 				}
 				if dn == srcN && dh == srcSum.String() {
 					continue
@@ -178,7 +187,10 @@ func (m *migration) verify(ctx context.Context) error {
 		if bad == 0 {
 			how := fmt.Sprintf("%d hashed again from the original, the others checked against the copy's checksums", rehashed)
 			if wholeTables == len(targets) {
-				how = "the original and the shadow hashed whole"
+				how = "the original and the shadow hashed whole, side by side"
+				if apart > 0 {
+					how = "the original and the shadow hashed whole, one after the other"
+				}
 			}
 			m.event(ctx, PhaseVerify, fmt.Sprintf("shadow verified equal to the original in %d ranges (%s)", total, how))
 			return nil
@@ -186,6 +198,84 @@ func (m *migration) verify(ctx context.Context) error {
 	}
 	return fmt.Errorf("verify: the shadow still differs from the original after 3 rounds")
 }
+
+// exportSnapshot exports S's snapshot for hashBoth's second session.
+func exportSnapshot(ctx context.Context, tx pgx.Tx) (string, error) {
+	var snap string
+	if err := tx.QueryRow(ctx, "SELECT pg_export_snapshot()").Scan(&snap); err != nil {
+		return "", fmt.Errorf("export verify's snapshot: %w", err)
+	}
+	return snap, nil
+}
+
+// halfWorkers gives a scan half the parallel workers one scan would get
+// (its leader counted): two scans at once then use about the processes
+// one parallel scan did. It returns the setting it replaced.
+const halfWorkers = `SELECT current_setting('max_parallel_workers_per_gather'), set_config('max_parallel_workers_per_gather',
+  (greatest(current_setting('max_parallel_workers_per_gather')::int - 1, 0) / 2)::text, true)`
+
+// hashBoth hashes the original (src) and its shadow (dst) whole, at the
+// same time: the shadow in S, which holds S's own writes to it (the delta
+// applied, the late keys re-read, the recopies), the original from a
+// second session that imports S's snapshot (snap): S never writes the
+// original, so both sessions see the same rows of it. Verify is two
+// scans; a parallel scan gains little on a small machine (2 cores, 2M
+// rows: 0.49 s against 0.71 s serial), so the two scans at once, with
+// half the workers each, beat two parallel scans one after the other
+// (1.03 s against 1.27 s here).
+//
+// The second session waits for no lock longer than hashLockWait: a DDL
+// queued on the original behind S would queue it too, and S waits for it
+// where PostgreSQL's deadlock detector cannot see. On any failure of the
+// second session the original is hashed in S, after the shadow.
+func (m *migration) hashBoth(ctx context.Context, tx pgx.Tx, snap, src, dst string) (sn int64, ss string, dn int64, ds string, together bool, err error) {
+	type side struct {
+		n   int64
+		sum string
+		err error
+	}
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	other := make(chan side, 1)
+	go func() {
+		var r side
+		r.err = pgx.BeginTxFunc(sctx, m.pool, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly}, func(otx pgx.Tx) error {
+			if _, err := otx.Exec(sctx, "SET TRANSACTION SNAPSHOT "+quoteLiteral(snap)); err != nil {
+				return err
+			}
+			if _, err := otx.Exec(sctx, "SELECT set_config('jit', 'off', true), set_config('lock_timeout', $1, true)",
+				fmt.Sprint(hashLockWait.Milliseconds())); err != nil {
+				return err
+			}
+			var old, now string
+			if err := otx.QueryRow(sctx, halfWorkers).Scan(&old, &now); err != nil {
+				return err
+			}
+			return otx.QueryRow(sctx, src).Scan(&r.n, &r.sum)
+		})
+		other <- r
+	}()
+	var old, now string
+	if err := tx.QueryRow(ctx, halfWorkers).Scan(&old, &now); err != nil {
+		return 0, "", 0, "", false, err
+	}
+	if err := tx.QueryRow(ctx, dst).Scan(&dn, &ds); err != nil {
+		return 0, "", 0, "", false, fmt.Errorf("the shadow: %w", err)
+	}
+	if _, err := tx.Exec(ctx, "SELECT set_config('max_parallel_workers_per_gather', $1, true)", old); err != nil {
+		return 0, "", 0, "", false, err
+	}
+	if r := <-other; r.err == nil {
+		return r.n, r.sum, dn, ds, true, nil
+	}
+	if err := tx.QueryRow(ctx, src).Scan(&sn, &ss); err != nil {
+		return 0, "", 0, "", false, fmt.Errorf("the original: %w", err)
+	}
+	return sn, ss, dn, ds, false, nil
+}
+
+// hashLockWait: the most hashBoth's second session waits for a lock.
+const hashLockWait = time.Second
 
 // recopy replaces a range of the shadow with the original's rows in the
 // verify snapshot and marks it, so that the next round hashes its

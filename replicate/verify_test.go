@@ -2,11 +2,15 @@ package replicate_test
 
 import (
 	"context"
+	"errors"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/pgtat/pg_tat/replicate"
 )
 
 // A shadow row corrupted on purpose is found by verify, recopied, and the
@@ -18,7 +22,7 @@ func TestVerifyFindsCorruption(t *testing.T) {
 	// checksum and verify hashes the original whole.
 	for _, c := range []struct{ name, cmd, control, how string }{
 		{"using", "alter table orders alter column n type bigint using n * 2", "(select id, v, n * 2 as n from control) c", "hashed again"},
-		{"plain", "alter table orders alter column n type bigint", "control", "hashed whole"},
+		{"plain", "alter table orders alter column n type bigint", "control", "hashed whole, side by side"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			t.Parallel()
@@ -287,4 +291,64 @@ func TestVerifyLogicalUnderWriter(t *testing.T) {
 	}
 	e.assertSame("orders", "control", "id, v, n")
 	e.assertNoLeftovers("orders")
+}
+
+// A lock queued on the original behind verify's transaction S (a DDL, a
+// VACUUM FULL, a LOCK TABLE waiting for S) would queue verify's second
+// session too (hashBoth), which S waits for where PostgreSQL sees no
+// deadlock: the second session gives up after its lock wait, the original
+// is hashed in S (which holds its lock already), the queued lock is granted
+// once S ends, and the job completes.
+func TestVerifyLockQueuedBehindSnapshot(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.seed("orders", "control", 30000)
+	e.exec("analyze orders") // split into ranges: verify hashes whole only then
+	o := opts("alter table orders alter column n type bigint")
+	o.Verify, o.CopyDataJobs = true, 2
+	queued := make(chan error, 1)
+	lock := &onceAt{point: "verify"}
+	var s pgx.Tx // verify's transaction S, where the hook point is
+	o.TestHook = func(ctx context.Context, point string, tx pgx.Tx) error {
+		s = tx
+		return lock.hook(ctx, point, tx)
+	}
+	lock.fn = func(ctx context.Context) error {
+		if _, err := s.Exec(ctx, "select 1 from orders limit 1"); err != nil { // S holds ACCESS SHARE
+			return err
+		}
+		go func() {
+			queued <- pgx.BeginFunc(context.Background(), e.pool, func(tx pgx.Tx) error {
+				_, err := tx.Exec(context.Background(), "lock table orders in access exclusive mode")
+				return err
+			})
+		}()
+		for i := 0; i < 200; i++ {
+			var waiting bool
+			if err := e.pool.QueryRow(ctx, `select exists (select from pg_locks where relation = 'orders'::regclass
+				and mode = 'AccessExclusiveLock' and not granted)`).Scan(&waiting); err != nil {
+				return err
+			}
+			if waiting {
+				return nil
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		return errors.New("the ACCESS EXCLUSIVE lock never queued behind S")
+	}
+	rep := &eventLog{}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	err := replicate.Run(ctx, e.pool, o, rep, nil)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, rep)
+	}
+	lock.check(t)
+	if err := <-queued; err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(rep.String(), "hashed whole, one after the other") {
+		t.Fatalf("verify did not fall back to hashing the original in S:\n%s", rep)
+	}
+	e.assertSame("orders", "control", "id, v, n")
 }
