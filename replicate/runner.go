@@ -233,9 +233,6 @@ func (m *migration) phases(ctx context.Context, resumed bool) error {
 		if err := m.verify(ctx); err != nil {
 			return err
 		}
-	} else if m.opts.Verify {
-		m.event(ctx, PhaseCatchup, "verify skipped: under logical capture an inheritance tree is not verified "+
-			"(the keys streamed after verify's snapshot are not re-read per table); use trigger capture to verify")
 	}
 	if m.opts.StopBeforeSwitch {
 		m.event(ctx, PhaseCatchup, "stopped before the switch as asked; continue the run to switch")

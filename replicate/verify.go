@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"math/big"
+	"strconv"
 	"strings"
 	"time"
 
@@ -309,17 +310,17 @@ func (m *migration) recopy(ctx context.Context, tx pgx.Tx, vt verifyTarget, r *v
 }
 
 // verifying: verify runs (and the copy checksums, the apply marks) when
-// asked for. Under logical capture of an inheritance tree it does not: its
-// delta rows say which table a key is in, and the late keys (streamedLate)
-// are applied to one table only.
-func (m *migration) verifying() bool {
-	return m.opts.Verify && (m.opts.Capture != CaptureLogical || !m.plan.inherits())
-}
+// asked for.
+func (m *migration) verifying() bool { return m.opts.Verify }
 
 // lateKeys are the delta rows committed after verify's snapshot S that
 // hold the keys of changes committed before it: the stream brought them
-// late. Keys holds each key column's values as text; nil: trigger capture.
-type lateKeys struct{ keys [][]string }
+// late. Keys holds each key column's values as text, rels the table of an
+// inheritance tree that held each row (0 otherwise); nil: trigger capture.
+type lateKeys struct {
+	keys [][]string
+	rels []uint32
+}
 
 // streamedLate, under logical capture, is the first statement of verify's
 // transaction S: the delta's last seq in S. The stream lags the table:
@@ -350,7 +351,7 @@ func (m *migration) streamedLate(ctx context.Context, tx pgx.Tx) (*lateKeys, err
 	for i := range cols {
 		cols[i] = fmt.Sprintf("k%d::text", i+1)
 	}
-	rows, err := m.q(ctx, m.pool, "SELECT op::text, "+strings.Join(cols, ", ")+" FROM "+m.deltaIdent()+" WHERE seq > $1 ORDER BY seq", maxS)
+	rows, err := m.q(ctx, m.pool, "SELECT op::text, coalesce(rel, 0)::text, "+strings.Join(cols, ", ")+" FROM "+m.deltaIdent()+" WHERE seq > $1 ORDER BY seq", maxS)
 	if err != nil {
 		return nil, fmt.Errorf("read the delta streamed after the snapshot: %w", err)
 	}
@@ -361,49 +362,83 @@ func (m *migration) streamedLate(ctx context.Context, tx pgx.Tx) (*lateKeys, err
 			// that differ, which verify recopies from S.
 			continue
 		}
+		rel, err := strconv.ParseUint(r[1], 10, 32)
+		if err != nil {
+			return nil, fmt.Errorf("delta rel %q: %w", r[1], err)
+		}
+		late.rels = append(late.rels, uint32(rel))
 		for i := range n {
-			late.keys[i] = append(late.keys[i], r[i+1])
+			late.keys[i] = append(late.keys[i], r[i+2])
 		}
 	}
 	return late, nil
 }
 
 // applyLate re-reads the late keys in S: the delta apply's statements over
-// the keys as arrays.
+// the keys as arrays; in an inheritance tree, each table's keys from that
+// table only (FROM ONLY, into its own shadow), as applyTree does.
 func (m *migration) applyLate(ctx context.Context, tx pgx.Tx, late *lateKeys) error {
 	if late == nil || len(late.keys) == 0 || len(late.keys[0]) == 0 {
 		return nil
 	}
 	p := m.plan
+	if !p.inherits() {
+		t := treeTable{Src: m.srcRel(), Dst: m.shadowIdent(), InsertCols: p.InsertCols, SelectExprs: p.SelectExprs}
+		if err := m.applyLateTo(ctx, tx, t, m.shadowIdent(), late.keys); err != nil {
+			return err
+		}
+	} else {
+		for _, tt := range m.treeTables() {
+			keys := make([][]string, len(late.keys))
+			for j, rel := range late.rels {
+				if rel == tt.OID {
+					for i := range keys {
+						keys[i] = append(keys[i], late.keys[i][j])
+					}
+				}
+			}
+			if len(keys[0]) == 0 {
+				continue
+			}
+			if err := m.applyLateTo(ctx, tx, tt, "ONLY "+tt.Dst, keys); err != nil {
+				return err
+			}
+		}
+	}
+	m.event(ctx, PhaseVerify, fmt.Sprintf("%d changes streamed after verify's snapshot was taken: their keys were re-read in it", len(late.keys[0])))
+	return nil
+}
+
+// applyLateTo re-reads keys (each key column's values as text) from t's
+// original into its shadow (del: the shadow as the DELETE names it).
+func (m *migration) applyLateTo(ctx context.Context, tx pgx.Tx, t treeTable, del string, keys [][]string) error {
+	p := m.plan
 	n := len(p.Key)
 	arrays := make([]string, n)
-	keys := make([]string, n)
+	cast := make([]string, n)
 	on := make([]string, n)
 	src := make([]string, n)
+	alias := make([]string, n)
 	args := make([]any, n)
 	for i := range n {
 		arrays[i] = fmt.Sprintf("$%d::text[]", i+1)
-		keys[i] = fmt.Sprintf("u.k%d::%s AS k%d", i+1, p.KeyTypes[i], i+1)
+		cast[i] = fmt.Sprintf("u.k%d::%s AS k%d", i+1, p.KeyTypes[i], i+1)
 		on[i] = fmt.Sprintf("s.%s = d.k%d", qi(p.ShadowKey[i]), i+1)
 		src[i] = "t." + qi(p.Key[i])
-		args[i] = late.keys[i]
-	}
-	alias := make([]string, n)
-	for i := range alias {
 		alias[i] = fmt.Sprintf("k%d", i+1)
+		args[i] = keys[i]
 	}
-	d := fmt.Sprintf("(SELECT DISTINCT %s FROM unnest(%s) AS u(%s))", strings.Join(keys, ", "), strings.Join(arrays, ", "), strings.Join(alias, ", "))
-	del := fmt.Sprintf("DELETE FROM %s s USING %s d WHERE %s", m.shadowIdent(), d, strings.Join(on, " AND "))
+	d := fmt.Sprintf("(SELECT DISTINCT %s FROM unnest(%s) AS u(%s))", strings.Join(cast, ", "), strings.Join(arrays, ", "), strings.Join(alias, ", "))
+	delSQL := fmt.Sprintf("DELETE FROM %s s USING %s d WHERE %s", del, d, strings.Join(on, " AND "))
 	ins := fmt.Sprintf("INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM %s t WHERE (%s) IN (SELECT %s FROM %s d)%s",
-		m.shadowIdent(), strings.Join(p.InsertCols, ", "), strings.Join(p.SelectExprs, ", "), m.srcRel(),
+		t.Dst, strings.Join(t.InsertCols, ", "), strings.Join(t.SelectExprs, ", "), t.Src,
 		strings.Join(src, ", "), strings.Join(alias, ", "), d, m.filterAnd())
-	if _, err := m.exec(ctx, tx, del, args...); err != nil {
-		return fmt.Errorf("re-read the keys streamed late (delete): %w", err)
+	if _, err := m.exec(ctx, tx, delSQL, args...); err != nil {
+		return fmt.Errorf("re-read the keys streamed late into %s (delete): %w", t.Dst, err)
 	}
 	if _, err := m.exec(ctx, tx, ins, args...); err != nil {
-		return fmt.Errorf("re-read the keys streamed late (insert): %w", err)
+		return fmt.Errorf("re-read the keys streamed late into %s (insert): %w", t.Dst, err)
 	}
-	m.event(ctx, PhaseVerify, fmt.Sprintf("%d changes streamed after verify's snapshot was taken: their keys were re-read in it", len(late.keys[0])))
 	return nil
 }
 
