@@ -116,6 +116,7 @@ func (m *migration) verify(ctx context.Context) error {
 				}
 				var dn int64
 				var dh string
+				dstSQL := vt.aggSQL(vt.dstRow, vt.dstRead, "s", "") // the shadow whole, in one scan
 				if whole {
 					wholeTables++
 					if share == "" {
@@ -125,7 +126,6 @@ func (m *migration) verify(ctx context.Context) error {
 					}
 					var sum string
 					srcSQL := vt.aggSQL(vt.srcRow, vt.src, "t", m.filterWhere(""))
-					dstSQL := vt.aggSQL(vt.dstRow, vt.dstRead, "s", "")
 					var together bool
 					if srcN, sum, dn, dh, together, err = m.hashBoth(ctx, tx, share, srcSQL, dstSQL); err != nil {
 						return fmt.Errorf("hash %s and its shadow: %w", vt.src, err)
@@ -150,8 +150,7 @@ func (m *migration) verify(ctx context.Context) error {
 						srcN += r.n
 						srcSum.Add(srcSum, v)
 					}
-					// The shadow's side: the whole table in one scan.
-					if err := tx.QueryRow(ctx, vt.aggSQL(vt.dstRow, vt.dstRead, "s", "")).Scan(&dn, &dh); err != nil {
+					if err := tx.QueryRow(ctx, dstSQL).Scan(&dn, &dh); err != nil {
 						return fmt.Errorf("hash the shadow %s: %w", vt.dst, err)
 					}
 				}
